@@ -1,0 +1,77 @@
+"""The compressed KV cache of MEA: it stores the h' component heads (after RoPE), never the h virtual heads.
+
+MEA attention hands the cache its component keys and values, so any transformers cache would store them. The
+classes here add what a plain cache cannot know: how many component heads each layer has. Feeding a layer the
+wrong head count (a cache filled by another model or config) raises a clear error instead of attending wrongly.
+
+Why the model picks its cache itself (`MEAForCausalLM._prepare_cache_for_generation`) rather than registering a
+custom `layer_types` entry: a custom layer type is rejected by config validation on save in transformers 5.x, and
+the layer-type route would tie the saved config to this package. The override keeps the config plain.
+
+This file is copied next to saved models for `trust_remote_code`, so it imports only torch and transformers.
+"""
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
+
+
+class _ComponentHeadsLayer:
+    """Mixin for a cache layer that accepts exactly `num_component_heads` heads of `head_dim` channels."""
+
+    def __init__(self, num_component_heads: int, head_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_component_heads = num_component_heads
+        self.head_dim = head_dim
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        expected = (self.num_component_heads, self.head_dim)
+        for name, states in (("keys", key_states), ("values", value_states)):
+            got = (states.shape[1], states.shape[-1])
+            if got != expected:
+                raise ValueError(
+                    f"{type(self).__name__} holds {expected[0]} component heads of dim {expected[1]}, but was given "
+                    f"{name} with {got[0]} heads of dim {got[1]}. The cache was built for another config: build it "
+                    "with `MEACache(config=model.config)` for this model."
+                )
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
+    """A growing cache layer of component heads, shape `[batch, num_component_heads, seq_len, head_dim]`."""
+
+
+class MEAStaticLayer(_ComponentHeadsLayer, StaticLayer):
+    """A pre-allocated cache layer of component heads, shape `[batch, num_component_heads, max_cache_len, head_dim]`."""
+
+
+def _component_heads(config) -> list[int]:
+    heads = getattr(config, "num_component_heads", None)
+    if heads is None:
+        raise ValueError(f"An MEA cache needs an MEA config with `num_component_heads`, got {type(config).__name__}.")
+    return [heads] * config.num_hidden_layers if isinstance(heads, int) else list(heads)
+
+
+class MEACache(DynamicCache):
+    """Dynamic cache of an MEA model: per layer, only its h' component heads. The default cache of `generate()`."""
+
+    def __init__(self, config, offloading: bool = False):
+        layers = [MEADynamicLayer(heads, config.head_dim) for heads in _component_heads(config)]
+        Cache.__init__(self, layers=layers, offloading=offloading)
+
+
+class MEAStaticCache(StaticCache):
+    """Pre-allocated cache of component heads, for `cache_implementation="static"` and `torch.compile`d decoding."""
+
+    def __init__(self, config, max_cache_len: int, offloading: bool = False, **kwargs):
+        layers = [MEAStaticLayer(heads, config.head_dim, max_cache_len=max_cache_len) for heads in _component_heads(config)]
+        Cache.__init__(self, layers=layers, offloading=offloading)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by the key and value tensors of any transformers cache (allocated size for static caches)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

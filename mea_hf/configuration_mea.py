@@ -1,0 +1,132 @@
+"""MEA model configuration: a Llama-style decoder plus the Multi-head Explicit Attention fields."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+HEAD_NORMS = ("rms", None)
+KV_DECODE_PATHS = ("reconstruct", "absorb")
+
+
+@strict
+class MEAConfig(PreTrainedConfig):
+    r"""
+    Configuration of an MEA decoder (arXiv 2601.19611). All Llama fields keep their Llama meaning; MEA adds:
+
+    num_component_heads (`int` or `list[int]`, *optional*):
+        KV heads actually projected and cached (h'), one value for all layers or one per layer. Defaults to
+        `num_key_value_heads` (no compression). Head-level Linear Composition rebuilds the `num_key_value_heads`
+        virtual heads from them.
+    hlc_keys / hlc_values (`bool`, defaults to `True`):
+        Mix keys / values across heads with a learned (h' x h) matrix per layer. Required when h' < h.
+    head_norm (`"rms"` or `None`, defaults to `"rms"`):
+        Per-head RMSNorm of each attention output before `o_proj`, with a learned per-channel scale.
+    qk_norm (`bool`, defaults to `False`):
+        Per-head RMSNorm on queries and component keys before RoPE (as in Qwen3).
+    kv_decode (`"reconstruct"` or `"absorb"`, defaults to `"reconstruct"`):
+        How single-token decode steps attend over the compressed cache (see `MEAAttention`).
+    o_proj_bias (`bool`, *optional*):
+        Bias on `o_proj`; defaults to `attention_bias` (Qwen2 has q/k/v biases but none on `o_proj`).
+    """
+
+    model_type = "mea"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    o_proj_bias: bool | None = None
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    # MEA
+    num_component_heads: int | list[int] | None = None
+    hlc_keys: bool = True
+    hlc_values: bool = True
+    head_norm: str | None = "rms"
+    qk_norm: bool = False
+    kv_decode: str = "reconstruct"
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_component_heads is None:
+            self.num_component_heads = self.num_key_value_heads
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
+        super().__post_init__(**kwargs)
+        self.validate_mea_fields()
+
+    @property
+    def component_heads_per_layer(self) -> list[int]:
+        """h' for every layer, as a list (expands an int `num_component_heads`)."""
+        if isinstance(self.num_component_heads, int):
+            return [self.num_component_heads] * self.num_hidden_layers
+        return list(self.num_component_heads)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation (also run on save, after fields were changed)."""
+        super().validate_architecture()
+        self.validate_mea_fields()
+
+    def validate_mea_fields(self):
+        """Raise a `ValueError` naming the field for every impossible combination of head counts and options."""
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if heads % kv_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})."
+            )
+        if isinstance(self.num_component_heads, list) and len(self.num_component_heads) != self.num_hidden_layers:
+            raise ValueError(
+                f"`num_component_heads` has {len(self.num_component_heads)} entries but the model has "
+                f"`num_hidden_layers`={self.num_hidden_layers}; give one value per layer or a single int."
+            )
+        for layer, components in enumerate(self.component_heads_per_layer):
+            if not 1 <= components <= kv_heads:
+                raise ValueError(
+                    f"`num_component_heads` must be between 1 and `num_key_value_heads` ({kv_heads}), "
+                    f"got {components} for layer {layer}."
+                )
+            if components < kv_heads and not (self.hlc_keys and self.hlc_values):
+                raise ValueError(
+                    f"Layer {layer} has {components} component heads < {kv_heads} KV heads, which needs "
+                    "`hlc_keys=True` and `hlc_values=True` to rebuild the virtual heads."
+                )
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"`head_norm` must be one of {HEAD_NORMS}, got {self.head_norm!r}.")
+        if self.kv_decode not in KV_DECODE_PATHS:
+            raise ValueError(f"`kv_decode` must be one of {KV_DECODE_PATHS}, got {self.kv_decode!r}.")
+
+
+__all__ = ["MEAConfig"]

@@ -1,0 +1,401 @@
+"""MEA (Multi-head Explicit Attention, arXiv 2601.19611) for transformers: attention, decoder layer and models.
+
+The MEA math lives in `MEAAttention.forward` and the two helpers above it:
+
+    Q = X Wq (H heads),  Kc = X Wk, Vc = X Wv (h' component heads), RoPE on Q and Kc
+    K = compose_heads(Kc, W_k), V = compose_heads(Vc, W_v)      # Head-level Linear Composition, (h', h) each
+    heads = attention(Q, K, V);  out = o_proj(head_norm(heads))  # per-head RMSNorm before o_proj
+
+With h' = h, identity HLC and no head norm this is exactly Llama attention. Everything that is not MEA-specific
+(MLP, RMSNorm, RoPE, eager attention) is transformers' own Llama code, imported rather than copied.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .cache_mea import MEACache, MEAStaticCache
+from .configuration_mea import MEAConfig
+
+# Steps with at most this many query tokens (decode, speculative verification) may use the absorbed path; its
+# score tensor is h' times larger than a normal one, so long prefills always reconstruct.
+ABSORB_MAX_QUERY_LEN = 64
+
+
+def default_hlc(num_component_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Initial HLC matrix (h', h): identity when h' = h; otherwise virtual head j copies component j*h'//h,
+    so a freshly initialised compressed layer starts as grouped-query attention over its components."""
+    hlc = torch.zeros(num_component_heads, num_kv_heads)
+    hlc[torch.arange(num_kv_heads) * num_component_heads // num_kv_heads, torch.arange(num_kv_heads)] = 1.0
+    return hlc
+
+
+def compose_heads(components: torch.Tensor, hlc: torch.Tensor | None) -> torch.Tensor:
+    """Head-level Linear Composition: (batch, h', seq, d) x (h', h) -> (batch, h, seq, d). `None` is identity."""
+    if hlc is None:
+        return components
+    batch, num_components, seq_len, head_dim = components.shape
+    mixed = torch.matmul(hlc.t().to(components.dtype), components.reshape(batch, num_components, seq_len * head_dim))
+    return mixed.view(batch, hlc.shape[1], seq_len, head_dim)
+
+
+def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Any transformers attention mask (None, bool, additive float, 2-D padding) as an additive (.., q, kv) mask."""
+    if mask is None:
+        if query_len == 1:
+            return None
+        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - query_len)
+        mask = causal[None, None]
+    elif mask.dim() == 2:  # flash-attention style padding mask (batch, kv)
+        mask = mask[:, None, None, :].bool()
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask[..., :kv_len].to(dtype)
+
+
+def absorbed_attention(query, key_components, value_components, hlc_k, hlc_v, mask, scaling, kv_groups):
+    """Attention over the compressed cache without materialising virtual heads (DESIGN.md §2, "absorb").
+
+    For query head i of KV group g:  logit_i = sum_c W_k[c, g] (q_i . k_c), out_i = sum_c W_v[c, g] (p_i @ v_c).
+    The cache is read once, as h' batched matmuls with the H query heads as rows.
+    Shapes: query (B, H, T, d); components (B, h', S, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
+    """
+    batch, num_heads, query_len, head_dim = query.shape
+    kv_len = key_components.shape[2]
+    group = torch.arange(num_heads, device=query.device) // kv_groups
+    w_k = hlc_k[:, group].to(query.dtype)  # (h', H)
+    w_v = hlc_v[:, group].to(query.dtype)
+    # (B, h', H*T, d): query head i scaled by W_k[c, g(i)] for every component c
+    scaled_queries = (query[:, None] * w_k[None, :, :, None, None]).flatten(2, 3)
+    scores = torch.matmul(scaled_queries, key_components.transpose(-1, -2)).sum(1)  # (B, H*T, S)
+    scores = scores.view(batch, num_heads, query_len, kv_len).float() * scaling
+    additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
+    if additive is not None:
+        scores = scores + additive
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    per_component = torch.matmul(probs.flatten(1, 2)[:, None], value_components)  # (B, h', H*T, d)
+    per_component = per_component.view(batch, -1, num_heads, query_len, head_dim)
+    output = torch.einsum("bchtd,ch->bthd", per_component, w_v)
+    return output, probs
+
+
+class MEAHeadRMSNorm(LlamaRMSNorm):
+    """Per-head RMSNorm of attention outputs (the paper's "GroupNorm", Eq. 12) with a learned scale per channel:
+    each head is normalised over its own `head_dim` channels; the scale has shape (num_heads, head_dim)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6):
+        super().__init__((num_heads, head_dim), eps=eps)
+
+
+class MEAAttention(nn.Module):
+    """Multi-head Explicit Attention: component K/V heads, Head-level Linear Composition, per-head norm."""
+
+    def __init__(self, config: MEAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_component_heads = config.component_heads_per_layer[layer_idx]
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        hidden, qkv_bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_component_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_component_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        hlc_shape = (self.num_component_heads, self.num_kv_heads)
+        self.hlc_k = nn.Parameter(default_hlc(*hlc_shape)) if config.hlc_keys else None
+        self.hlc_v = nn.Parameter(default_hlc(*hlc_shape)) if config.hlc_values else None
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.head_norm = (
+            MEAHeadRMSNorm(self.num_heads, self.head_dim, eps=config.rms_norm_eps) if config.head_norm == "rms" else None
+        )
+
+    def _check_cache(self, past_key_values: Cache) -> None:
+        """Refuse a cache whose stored heads are not this layer's component heads (never attend wrongly)."""
+        layers = getattr(past_key_values, "layers", ())
+        keys = getattr(layers[self.layer_idx], "keys", None) if self.layer_idx < len(layers) else None
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[1] != self.num_component_heads:
+            raise ValueError(
+                f"Layer {self.layer_idx} caches {self.num_component_heads} component heads, but the given cache holds "
+                f"{keys.shape[1]}: it was filled by a different model or config."
+            )
+
+    def _use_absorb(self, query_len: int) -> bool:
+        return (
+            self.config.kv_decode == "absorb"
+            and self.hlc_k is not None
+            and self.hlc_v is not None
+            and query_len <= ABSORB_MAX_QUERY_LEN
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key_components = self.k_proj(hidden_states).view(hidden_shape)
+        value_components = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.config.qk_norm:
+            query, key_components = self.q_norm(query), self.k_norm(key_components)
+        cos, sin = position_embeddings
+        query, key_components = apply_rotary_pos_emb(query.transpose(1, 2), key_components.transpose(1, 2), cos, sin)
+
+        if past_key_values is not None:
+            self._check_cache(past_key_values)
+            key_components, value_components = past_key_values.update(key_components, value_components, self.layer_idx)
+
+        if self._use_absorb(query.shape[2]):
+            attn_output, attn_weights = absorbed_attention(
+                query, key_components, value_components, self.hlc_k, self.hlc_v,
+                attention_mask, self.scaling, self.num_key_value_groups,
+            )  # fmt: skip
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                compose_heads(key_components, self.hlc_k),
+                compose_heads(value_components, self.hlc_v),
+                attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                **kwargs,
+            )
+        if self.head_norm is not None:
+            attn_output = self.head_norm(attn_output)
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class MEADecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder block: MEA attention then a SwiGLU MLP, each with a residual connection."""
+
+    def __init__(self, config: MEAConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MEAAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MEAPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and capability flags shared by the MEA models."""
+
+    config: MEAConfig
+    config_class = MEAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MEADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False  # the absorbed decode path takes dense masks only
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": MEADecoderLayer, "attentions": MEAAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MEAAttention):
+            for hlc in (module.hlc_k, module.hlc_v):
+                if hlc is not None:
+                    init.copy_(hlc, default_hlc(*hlc.shape))
+
+
+class MEAModel(MEAPreTrainedModel):
+    """The bare MEA decoder: embeddings, `num_hidden_layers` MEA blocks, final RMSNorm."""
+
+    def __init__(self, config: MEAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MEADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = MEACache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
+    """MEA decoder with a language-modelling head. `generate()` caches only the component heads."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: MEAConfig):
+        super().__init__(config)
+        self.model = MEAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _get_static_cache_init_shape(self):
+        """Static caches are pre-allocated with each layer's component heads, not `num_key_value_heads`."""
+        return self.config.component_heads_per_layer, self.config.head_dim
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Let generate() build its usual cache, then swap it for the MEA cache of the same kind.
+
+        A user-supplied cache is kept as it is (it stores component heads too; mismatches raise in attention)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is None or getattr(cache, "_is_user_defined", False):
+            return
+        if type(cache) is DynamicCache:
+            model_kwargs["past_key_values"] = MEACache(self.config, offloading=cache.offloading)
+        elif type(cache) is StaticCache:
+            mea_cache = MEAStaticCache(self.config, cache.layers[0].max_cache_len, offloading=cache.offloading)
+            if cache.is_initialized:  # eager init (chunked prefill): keep it eager
+                first = cache.layers[0]
+                mea_cache.early_initialization(
+                    first.batch_size, self.config.component_heads_per_layer, self.config.head_dim,
+                    first.dtype, first.device,
+                )  # fmt: skip
+            model_kwargs["past_key_values"] = mea_cache
+
+
+class MEAForSequenceClassification(GenericForSequenceClassification, MEAPreTrainedModel):
+    """MEA decoder with a classification head on the last non-padding token."""
+
+
+__all__ = ["MEAPreTrainedModel", "MEAModel", "MEAForCausalLM", "MEAForSequenceClassification"]
