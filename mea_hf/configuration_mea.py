@@ -74,7 +74,13 @@ class MEAConfig(PreTrainedConfig):
     kv_decode: str = "reconstruct"
 
     def __post_init__(self, **kwargs):
+        self._check_positive_sizes()
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                    f"({self.num_attention_heads}) when `head_dim` is not given."
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -97,12 +103,16 @@ class MEAConfig(PreTrainedConfig):
         super().validate_architecture()
         self.validate_mea_fields()
 
+    def _check_positive_sizes(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+
     def validate_mea_fields(self):
         """Raise a `ValueError` naming the field for every impossible combination of head counts and options."""
+        self._check_positive_sizes()
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if heads % kv_heads:
             raise ValueError(
                 f"`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})."
