@@ -6,6 +6,15 @@ from transformers.modeling_rope_utils import RopeParameters
 
 HEAD_NORMS = ("rms", None)
 KV_DECODE_PATHS = ("reconstruct", "absorb")
+# Remote-code entry points written into every saved config. `save_pretrained` alone records only the class being
+# saved, so without this a folder saved from MEAForCausalLM would not load through AutoModel (or the classifier
+# class) with trust_remote_code. Entries already present (e.g. "repo--modeling_mea.MEAModel" from the Hub) win.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mea.MEAConfig",
+    "AutoModel": "modeling_mea.MEAModel",
+    "AutoModelForCausalLM": "modeling_mea.MEAForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_mea.MEAForSequenceClassification",
+}
 
 
 @strict
@@ -88,6 +97,7 @@ class MEAConfig(PreTrainedConfig):
             self.num_component_heads = self.num_key_value_heads
         if self.o_proj_bias is None:
             self.o_proj_bias = self.attention_bias
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         super().__post_init__(**kwargs)
         self.validate_mea_fields()
 
