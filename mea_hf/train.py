@@ -30,10 +30,10 @@ from .train_settings import add_setting_arguments, resolve_settings, settings_fr
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
-# Parameters that get no weight decay: every vector (norm scales, biases), the token embeddings (tied to the LM head
-# in all configs here) and the HLC matrices, which start at the identity: decay would pull them towards zero, i.e.
+# Parameters that get no weight decay: every vector (biases), every norm scale (the per-head norm's is a matrix), the
+# token embeddings (tied to the LM head in all configs here) and the HLC matrices, which start at the identity: decay would pull them towards zero, i.e.
 # towards silencing heads, not towards standard attention.
-_NO_DECAY_NAMES = ("embed_tokens", "hlc_k", "hlc_v")
+_NO_DECAY_NAMES = ("norm", "embed_tokens", "hlc_k", "hlc_v")
 
 
 # ----------------------------------------------------------------------------------------------------------- model

@@ -1,0 +1,136 @@
+"""`mea train` end to end on the tiny configs: CLI, outputs, final folder, exact resume, interruption, schedules."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mea_hf.cli import main as cli_main
+from mea_hf.data import cached_blocks
+from mea_hf.loss import mean_token_loss
+from mea_hf.schedules import lr_multiplier
+from mea_hf.train import build_model, checkpoint_dirs, parameter_groups, read_metrics, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """About 10k tokens of Python source in a few files: small enough that 8 steps cross an epoch boundary."""
+    import inspect
+    import json as json_module
+    import textwrap as textwrap_module
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "textwrap.txt").write_text(inspect.getsource(textwrap_module)[:9000], encoding="utf-8")
+    (folder / "json.txt").write_text(inspect.getsource(json_module)[:9000], encoding="utf-8")
+    return folder
+
+
+def _settings(data_dir, tmp_path, **overrides):
+    return {
+        "model": "tiny-mea", "data": str(data_dir), "vocab_size": 320, "block_size": 32, "batch_size": 4,
+        "grad_accum": 2, "max_steps": 8, "warmup_steps": 2, "lr": 3e-3, "eval_every": 4, "eval_blocks": 4,
+        "save_every": 3, "seed": 0, "out": str(tmp_path / "run"), "cache_dir": str(data_dir / "cache"),
+        "progress": False, **overrides,
+    }  # fmt: skip
+
+
+def test_cli_trains_tiny_mea_and_final_folder_loads_and_generates(data_dir, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**_settings(data_dir, tmp_path), "max_steps": 100}), encoding="utf-8")
+    out = tmp_path / "cli-run"
+    assert cli_main(["train", "--config", str(config), "--max-steps", "6", "--out", str(out), "--lr", "2e-3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # the flag beat the file's max_steps
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[1]["lr"] == pytest.approx(2e-3)  # end of warmup = peak LR from the flag
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 6]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000003", "step-00000006"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert summary["tokens_seen"] == 6 * 4 * 2 * 32 and summary["steps"] == 6 and not summary["diverged"]
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+
+    folder = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "MEAForCausalLM" and model.config.vocab_size == len(tokenizer)
+    assert "Trained with `mea train`" in (folder / "README.md").read_text()
+    # The saved weights give the validation loss that training reported on the same blocks.
+    blocks = cached_blocks(tokenizer, str(data_dir), "validation", 32, data_dir / "cache")[:4]
+    assert mean_token_loss(model, blocks, batch_size=4) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    prompt = tokenizer("def wrap(text", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, prompt["input_ids"].shape[1] + 5)
+
+
+def test_llama_baseline_trains_to_a_llama_folder(data_dir, tmp_path):
+    summary = train(_settings(data_dir, tmp_path, model="tiny-llama", max_steps=2, warmup_steps=1, save_every=100))
+    model = AutoModelForCausalLM.from_pretrained(summary["final_dir"])
+    assert type(model).__name__ == "LlamaForCausalLM" and math.isfinite(summary["final_val_loss"])
+
+
+def test_interrupted_save_keeps_last_checkpoint_and_resume_is_exact(data_dir, tmp_path):
+    reference = train(_settings(data_dir, tmp_path / "a"))
+    reference_records = read_metrics(reference["out_dir"])
+
+    def crash_while_saving_step_6(event, step=None, **info):
+        if event == "checkpoint_saving" and step == 6:
+            raise KeyboardInterrupt
+
+    interrupted = _settings(data_dir, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, on_event=crash_while_saving_step_6)
+    kept = checkpoint_dirs(interrupted["out"])
+    assert [p.name for p in kept] == ["step-00000003"]
+    assert json.loads((kept[0] / "trainer_state.json").read_text())["step"] == 3
+    assert not (tmp_path / "b" / "run" / "final").exists()
+    with pytest.raises(FileExistsError, match="pass resume"):
+        train(interrupted)
+
+    seen = []
+    resumed = train({**interrupted, "resume": True}, on_event=lambda event, step=None, **i: seen.append(step) if event == "step" else None)
+    assert seen == [4, 5, 6, 7, 8]  # started after the checkpoint
+    assert read_metrics(resumed["out_dir"]) == [r for r in reference_records]  # same losses, LRs, grad norms, val
+    assert resumed["final_val_loss"] == reference["final_val_loss"]
+    a = load_file(f"{reference['final_dir']}/model.safetensors")
+    b = load_file(f"{resumed['final_dir']}/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parameter_groups_skip_norms_embeddings_and_hlc(tokenizer):
+    model = build_model("tiny-mea", tokenizer, block_size=64)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.layers.0.mlp.down_proj.weight" in decayed
+    assert not any(k in n for n in decayed for k in ("norm", "embed_tokens", "hlc_"))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_bad_data_and_model_from_the_cli(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\xff\xfe\n")
+    assert cli_main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert f"data file {bad} is not valid UTF-8" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert cli_main(["train", "--model", "huge-mea", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown model 'huge-mea'" in capsys.readouterr().err
+
+
+def test_schedules_warm_up_then_decay_to_min_ratio():
+    cosine = lr_multiplier("cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cosine(10) == pytest.approx(1.0) and cosine(109) == pytest.approx(0.1)
+    assert cosine(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    wsd = lr_multiplier("wsd", warmup_steps=10, max_steps=110, min_lr_ratio=0.1, decay_fraction=0.2)
+    assert [wsd(s) for s in (9, 10, 50, 87)] == pytest.approx([1.0] * 4)
+    assert wsd(88) < 1.0 and wsd(109) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_multiplier("step", 1, 10)
