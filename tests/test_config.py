@@ -1,7 +1,7 @@
 """MEAConfig: defaults, validation errors that name the field, JSON round trip."""
 
 import pytest
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from conftest import TINY_DIMS, tiny_mea_config
 
 from mea_hf import MEAConfig
@@ -85,3 +85,18 @@ def test_json_round_trip_keeps_every_mea_field(tmp_path):
     assert loaded.rope_parameters["rope_theta"] == 5000.0
     assert loaded.to_dict() == config.to_dict()
     assert MEAConfig.from_json_file(tmp_path / "config.json").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_component_heads": "2"}, "num_component_heads"),
+        ({"num_component_heads": [1, 1.5]}, "num_component_heads"),
+        ({"hlc_keys": "yes"}, "hlc_keys"),
+        ({"kv_decode": None}, "kv_decode"),
+    ],
+)
+def test_wrongly_typed_field_is_refused_by_name(overrides, field):
+    """Type checks come from huggingface_hub's `@strict` dataclass; its error names the field too."""
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        tiny_mea_config(**overrides)
