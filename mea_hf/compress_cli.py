@@ -112,7 +112,7 @@ def describe(source_name: str, method: str, kv_heads: int, layers, config) -> st
     where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
     how = f"Compressed from `{source_name}` with `mea compress --method {method}`: {where} reduced to {kv_heads} cached "
     how += f"KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
-    how += "the uncompressed model's. Continue training (`mea train --init_from FOLDER`) to recover the loss."
+    how += "the uncompressed model's. Continue training (`mea train --init-from FOLDER`) to recover the loss."
     return how
 
 

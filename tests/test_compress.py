@@ -199,6 +199,8 @@ def test_converted_llama_compresses_exactly_at_full_rank_and_generates_at_half()
     cached = half.generate(ids[:2, :8], max_new_tokens=6, do_sample=False)
     uncached = half.generate(ids[:2, :8], max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+    half.config.kv_decode = "absorb"  # decode over the compressed cache without rebuilding virtual heads
+    assert torch.equal(half.generate(ids[:2, :8], max_new_tokens=6, do_sample=False), uncached)
 
 
 def test_suggest_layers_picks_least_sensitive_layers_for_the_budget():
@@ -282,3 +284,22 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         assert message in capsys.readouterr().err, arguments
         assert not out.exists(), arguments
         assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out")], arguments
+
+
+def test_compressed_folder_recovers_with_the_pretraining_recipe(mea_folder, tmp_path):
+    from mea_hf.train import train
+
+    assert mea_main(["compress", "--model", str(mea_folder), "--kv-heads", "2", "--out", str(tmp_path / "half")]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def square_{i}(x):\n    return x * x + {i}\n\n" for i in range(300)))
+    summary = train({
+        "init_from": str(tmp_path / "half"), "data": str(corpus), "block_size": 32, "batch_size": 4, "max_steps": 3,
+        "warmup_steps": 1, "lr": 1e-2, "eval_every": 3, "eval_blocks": 2, "save_every": 100, "progress": False,
+        "out": str(tmp_path / "recovery"), "cache_dir": str(tmp_path / "cache"),
+    })  # fmt: skip
+    compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "half")
+    recovered = AutoModelForCausalLM.from_pretrained(summary["final_dir"])
+    assert recovered.config.num_component_heads == 2 and summary["tokens_seen"] == 3 * 4 * 32
+    assert recovered.model.layers[0].self_attn.k_proj.out_features == 2 * recovered.config.head_dim
+    hlc_before, hlc_after = compressed.model.layers[0].self_attn.hlc_k, recovered.model.layers[0].self_attn.hlc_k
+    assert hlc_after.shape == (2, 4) and not torch.allclose(hlc_before, hlc_after)
