@@ -51,12 +51,43 @@ def _component_heads(config) -> list[int]:
     return [heads] * config.num_hidden_layers if isinstance(heads, int) else list(heads)
 
 
+def cache_signature(config) -> tuple[int, tuple[int, ...]]:
+    """What a cache's contents depend on: the head dim and every layer's number of component heads."""
+    return config.head_dim, tuple(_component_heads(config))
+
+
+def claim_cache(cache: Cache, config) -> None:
+    """Check that `cache` may serve a model with `config`, or raise a `ValueError` that says why not.
+
+    MEA caches carry the signature of the config they were built for. A plain transformers cache (e.g.
+    `DynamicCache(config=model.config)`) is accepted while empty and tagged with this config's signature, so that it
+    stores component heads from then on; a plain cache that already holds states was filled by another model (a
+    Llama cache has the same shape whenever h' = h), so attending over it would be silently wrong.
+    """
+    expected = cache_signature(config)
+    signature = getattr(cache, "mea_signature", None)
+    if signature == expected:
+        return
+    if signature is not None:
+        raise ValueError(
+            f"This cache was built for an MEA config with head_dim and component heads per layer {signature}, but the "
+            f"model has {expected}. Build the cache with `MEACache(config=model.config)` for this model."
+        )
+    if any(getattr(layer, "is_initialized", False) for layer in cache.layers):
+        raise ValueError(
+            f"This {type(cache).__name__} already holds keys/values written by a model that is not this MEA model "
+            "(e.g. a Llama model), which are not component heads. Pass an empty cache or `MEACache(config=model.config)`."
+        )
+    cache.mea_signature = expected
+
+
 class MEACache(DynamicCache):
     """Dynamic cache of an MEA model: per layer, only its h' component heads. The default cache of `generate()`."""
 
     def __init__(self, config, offloading: bool = False):
         layers = [MEADynamicLayer(heads, config.head_dim) for heads in _component_heads(config)]
         Cache.__init__(self, layers=layers, offloading=offloading)
+        self.mea_signature = cache_signature(config)
 
 
 class MEAStaticCache(StaticCache):
@@ -65,6 +96,7 @@ class MEAStaticCache(StaticCache):
     def __init__(self, config, max_cache_len: int, offloading: bool = False, **kwargs):
         layers = [MEAStaticLayer(heads, config.head_dim, max_cache_len=max_cache_len) for heads in _component_heads(config)]
         Cache.__init__(self, layers=layers, offloading=offloading)
+        self.mea_signature = cache_signature(config)
 
 
 def cache_nbytes(cache: Cache) -> int:

@@ -32,7 +32,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_mea import MEACache, MEAStaticCache
+from .cache_mea import MEACache, MEAStaticCache, claim_cache
 from .configuration_mea import MEAConfig
 
 # Steps with at most this many query tokens (decode, speculative verification) may use the absorbed path; its
@@ -62,7 +62,9 @@ def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device
     if mask is None:
         if query_len == 1:
             return None
-        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - query_len)
+        # transformers passes no mask exactly when SDPA's `is_causal` is right, i.e. a causal mask aligned top-left
+        # (kv == query, or a prefill into an empty static cache whose trailing slots are still unused).
+        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril()
         mask = causal[None, None]
     elif mask.dim() == 2:  # flash-attention style padding mask (batch, kv)
         mask = mask[:, None, None, :].bool()
@@ -136,16 +138,6 @@ class MEAAttention(nn.Module):
             MEAHeadRMSNorm(self.num_heads, self.head_dim, eps=config.rms_norm_eps) if config.head_norm == "rms" else None
         )
 
-    def _check_cache(self, past_key_values: Cache) -> None:
-        """Refuse a cache whose stored heads are not this layer's component heads (never attend wrongly)."""
-        layers = getattr(past_key_values, "layers", ())
-        keys = getattr(layers[self.layer_idx], "keys", None) if self.layer_idx < len(layers) else None
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[1] != self.num_component_heads:
-            raise ValueError(
-                f"Layer {self.layer_idx} caches {self.num_component_heads} component heads, but the given cache holds "
-                f"{keys.shape[1]}: it was filled by a different model or config."
-            )
-
     def _use_absorb(self, query_len: int) -> bool:
         return (
             self.config.kv_decode == "absorb"
@@ -174,7 +166,6 @@ class MEAAttention(nn.Module):
         query, key_components = apply_rotary_pos_emb(query.transpose(1, 2), key_components.transpose(1, 2), cos, sin)
 
         if past_key_values is not None:
-            self._check_cache(past_key_values)
             key_components, value_components = past_key_values.update(key_components, value_components, self.layer_idx)
 
         if self._use_absorb(query.shape[2]):
@@ -292,6 +283,8 @@ class MEAModel(MEAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = MEACache(config=self.config)
+        if past_key_values is not None:
+            claim_cache(past_key_values, self.config)  # never attend over another model's keys/values
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
