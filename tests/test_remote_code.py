@@ -130,6 +130,7 @@ REMOTE_SCRIPT = textwrap.dedent(
         auto.from_pretrained(folder, trust_remote_code=True).__class__.__name__
         for auto in (AutoModel, AutoModelForSequenceClassification)
     ]
+    model.save_pretrained("resaved")  # fine-tuned and re-shared without mea_hf: the code travels along again
     torch.save(
         {
             "class": f"{type(model).__module__}.{type(model).__name__}",
@@ -163,6 +164,9 @@ def test_trust_remote_code_in_a_python_without_mea_hf(saved, tmp_path):
     assert torch.equal(out["logits"], logits)
     assert torch.equal(out["generated"], greedy(model))
     assert out["bf16_dtype"] == "torch.bfloat16" and out["bf16_finite"]
+    resaved = tmp_path / "resaved"
+    assert REMOTE_CODE_FILES | {"model.safetensors", "config.json"} <= {path.name for path in resaved.iterdir()}
+    assert json.loads((resaved / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
 class _FailingTokenizer:
