@@ -61,7 +61,13 @@ def from_llama(model_or_path: PreTrainedModel | str | os.PathLike, dtype: torch.
         _check_supported(source.config)
     else:
         _check_supported(AutoConfig.from_pretrained(model_or_path))  # refuse before loading any weights
-        source = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype or "auto")
+        source, loading = AutoModelForCausalLM.from_pretrained(
+            model_or_path, dtype=dtype or "auto", output_loading_info=True
+        )
+        if loading["missing_keys"]:  # e.g. a base-model or classifier checkpoint: its lm_head would be random
+            raise ValueError(
+                f"{model_or_path} is not a complete causal-LM checkpoint: missing {sorted(loading['missing_keys'])[:5]}."
+            )
     config = mea_config_from(source.config)
     config.architectures = ["MEAForCausalLM"]
     model = MEAForCausalLM(config).to(dtype or source.dtype)

@@ -10,6 +10,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -156,4 +158,18 @@ def test_unsupported_checkpoints_are_refused(tmp_path, capsys, build, message):
 def test_convert_cli_missing_model_folder(tmp_path, capsys):
     assert mea_main(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_class", [LlamaModel, LlamaForSequenceClassification], ids=["base-model", "classifier"])
+def test_checkpoints_without_a_language_model_head_are_refused(tmp_path, capsys, model_class):
+    """Loading these as a causal LM would leave `lm_head` random: conversion must refuse, not convert garbage."""
+    model = model_class(LlamaConfig(**TINY_DIMS, num_labels=2))
+    with pytest.raises(ValueError, match="lm_head|does not map onto MEA"):
+        from_llama(model)
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
+        from_llama(tmp_path / "src")
+    assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    assert "not a complete causal-LM checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
