@@ -73,7 +73,9 @@ def _targets(config, num_component_heads, layers) -> dict[int, int]:
     current = config.component_heads_per_layer
     for layer, heads in targets.items():
         if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= kv_heads:
-            raise ValueError(f"num_component_heads must be an integer from 1 to {kv_heads} (the KV heads), got {heads!r}.")
+            raise ValueError(
+                f"num_component_heads must be an integer from 1 to {kv_heads} (the KV heads), got {heads!r}."
+            )
         if heads > current[layer]:
             raise ValueError(f"layer {layer} already caches {current[layer]} heads; cannot grow it to {heads}.")
     return targets
@@ -201,7 +203,11 @@ def _compress_layer_calib(attn, heads: int, stats: _LayerStats) -> None:
     rms = (stats.component_sq / stats.count).sqrt().cpu()
     proj = attn.k_proj
     weight = proj.weight.detach().double().cpu().view(attn.num_component_heads, attn.head_dim, -1)
-    bias = proj.bias.detach().double().cpu() if proj.bias is not None else torch.zeros(weight.shape[:2], dtype=torch.float64)
+    bias = (
+        proj.bias.detach().double().cpu()
+        if proj.bias is not None
+        else torch.zeros(weight.shape[:2], dtype=torch.float64)
+    )
     augmented = torch.cat([weight, bias[..., None]], dim=2) / rms[:, None, None]
     mix = _hlc(attn, "hlc_k") @ keep_k  # (old h', new h')
     _set_projection(attn, "k", (mix.t() @ augmented.reshape(len(rms), -1)).t(), keep_k.t())
@@ -232,7 +238,11 @@ def _layer_inputs(model, blocks: torch.Tensor):
         hidden = inner.embed_tokens(batch)
         position_ids = torch.arange(batch.shape[1], device=device)[None]
         mask = create_causal_mask(
-            config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids
+            config=model.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
         )
         yield hidden, {"attention_mask": mask, "position_ids": position_ids,
                        "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids)}  # fmt: skip
@@ -240,7 +250,9 @@ def _layer_inputs(model, blocks: torch.Tensor):
 
 def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     if blocks is None or not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
-        raise ValueError("method='calib' needs calib_blocks: a non-empty LongTensor (n_blocks, block_size) of token ids.")
+        raise ValueError(
+            "method='calib' needs calib_blocks: a non-empty LongTensor (n_blocks, block_size) of token ids."
+        )
     if blocks.min() < 0 or blocks.max() >= vocab_size:
         raise ValueError(f"calib_blocks hold token ids outside the model's vocabulary (0-{vocab_size - 1}).")
     return blocks.long()
@@ -284,7 +296,9 @@ def reduce_kv_heads(model, num_component_heads, layers=None, method: str = "svd"
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
-        raise ValueError(f"reduce_kv_heads needs an MEA model, got model_type {model.config.model_type!r}; convert first.")
+        raise ValueError(
+            f"reduce_kv_heads needs an MEA model, got model_type {model.config.model_type!r}; convert first."
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     targets = _targets(model.config, num_component_heads, layers)

@@ -12,12 +12,18 @@ DEFAULT_CALIB_BLOCK_SIZE = 256
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local MEA folder (convert Llama-family folders with `mea convert`)")
-    parser.add_argument("--kv-heads", type=int, help="cached component heads h' per compressed layer (1..num_key_value_heads)")
+    parser.add_argument(
+        "--model", required=True, help="local MEA folder (convert Llama-family folders with `mea convert`)"
+    )
+    parser.add_argument(
+        "--kv-heads", type=int, help="cached component heads h' per compressed layer (1..num_key_value_heads)"
+    )
     parser.add_argument("--layers", help="layers to compress: '4-11', '0,3,5' or a mix; default all (or --budget)")
     parser.add_argument("--budget", type=float, help="target KV cache fraction (e.g. 0.75); layers from --sensitivity")
     parser.add_argument("--sensitivity", help="sensitivity.json written by `mea sensitivity` (or its folder)")
-    parser.add_argument("--method", choices=METHODS, default="svd", help="svd: data-free (paper); calib: uses --calib-data")
+    parser.add_argument(
+        "--method", choices=METHODS, default="svd", help="svd: data-free (paper); calib: uses --calib-data"
+    )
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
     parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="calibration blocks (calib)")
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
@@ -40,7 +46,11 @@ def check_mea_folder(path):
     config = AutoConfig.from_pretrained(folder)
     if config.model_type == "mea":
         return config
-    hint = " Run `mea convert --model FOLDER --out MEA_FOLDER` first." if config.model_type in SUPPORTED_MODEL_TYPES else ""
+    hint = (
+        " Run `mea convert --model FOLDER --out MEA_FOLDER` first."
+        if config.model_type in SUPPORTED_MODEL_TYPES
+        else ""
+    )
     raise ValueError(f"--model {folder} is a {config.model_type!r} model, not an MEA model.{hint}")
 
 
@@ -53,7 +63,9 @@ def check_output(path, overwrite: bool) -> None:
 
 def check_kv_heads(kv_heads: int, config) -> None:
     if not 1 <= kv_heads <= config.num_key_value_heads:
-        raise ValueError(f"--kv-heads must be from 1 to {config.num_key_value_heads} (the model's KV heads), got {kv_heads}.")
+        raise ValueError(
+            f"--kv-heads must be from 1 to {config.num_key_value_heads} (the model's KV heads), got {kv_heads}."
+        )
 
 
 def load_model_and_tokenizer(path, dtype: str = "auto"):
@@ -90,12 +102,16 @@ def _layers_from_args(args, config) -> tuple[int, list[int] | None]:
 
     if args.budget is not None or args.sensitivity is not None:
         if args.budget is None or args.sensitivity is None:
-            raise ValueError("--budget and --sensitivity go together (the budget picks layers from the sensitivity file).")
+            raise ValueError(
+                "--budget and --sensitivity go together (the budget picks layers from the sensitivity file)."
+            )
         if args.layers is not None:
             raise ValueError("give either --layers or --budget/--sensitivity, not both.")
         report = read_report(args.sensitivity)
         if args.kv_heads is not None and args.kv_heads != report["kv_heads"]:
-            raise ValueError(f"--kv-heads {args.kv_heads} differs from the sensitivity file's kv_heads {report['kv_heads']}.")
+            raise ValueError(
+                f"--kv-heads {args.kv_heads} differs from the sensitivity file's kv_heads {report['kv_heads']}."
+            )
         check_kv_heads(report["kv_heads"], config)
         return report["kv_heads"], suggest_layers(report, args.budget, config)
     if args.kv_heads is None:
@@ -110,7 +126,9 @@ def describe(source_name: str, method: str, kv_heads: int, layers, config) -> st
     from .memory import kv_fraction
 
     where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
-    how = f"Compressed from `{source_name}` with `mea compress --method {method}`: {where} reduced to {kv_heads} cached "
+    how = (
+        f"Compressed from `{source_name}` with `mea compress --method {method}`: {where} reduced to {kv_heads} cached "
+    )
     how += f"KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
     how += "the uncompressed model's. Continue training (`mea train --init-from FOLDER`) to recover the loss."
     return how
@@ -125,7 +143,9 @@ def run(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     calib_blocks = None
     if args.method == "calib":
-        calib_blocks = token_blocks(tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration")
+        calib_blocks = token_blocks(
+            tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
+        )
     reduce_kv_heads(model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks)
     card = {"how_made": describe(Path(args.model).name, args.method, kv_heads, layers, model.config)}
     save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)

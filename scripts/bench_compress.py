@@ -14,7 +14,6 @@ Steps (each a real `mea_hf` call):
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -45,7 +44,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench_compress")
     parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers of the model")
-    parser.add_argument("--steps", type=int, default=800, help="pretraining optimizer steps")
+    parser.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate")
     parser.add_argument("--recovery-fraction", type=float, default=0.05, help="recovery tokens / pretraining tokens")
     parser.add_argument("--recovery-lr", type=float, default=5e-4)
@@ -68,14 +67,18 @@ def training_settings(args, out: Path, **overrides) -> dict:
 def load(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        folder
+    )
 
 
 def markdown_table(results: dict) -> str:
     base = results["uncompressed"]
     rows = [
-        "| setting | KV cache | val loss after compression | vs uncompressed | val loss after recovery | vs uncompressed "
-        "| vs uncompressed + same training |",
+        (
+            "| setting | KV cache | val loss after compression | vs uncompressed | val loss after recovery "
+            "| vs uncompressed | vs uncompressed + same training |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["settings"].items():
@@ -151,7 +154,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"the validation split has {len(validation)} blocks, fewer than the {needed} needed.")
     eval_blocks, sensitivity_blocks = validation[: args.eval_blocks], validation[args.eval_blocks : needed]
     calib_blocks = cached_blocks(tokenizer, "builtin", "train", args.block_size)
-    calib_blocks = calib_blocks[torch.randperm(len(calib_blocks), generator=torch.Generator().manual_seed(args.seed))[: args.calib_blocks]]
+    calib_blocks = calib_blocks[
+        torch.randperm(len(calib_blocks), generator=torch.Generator().manual_seed(args.seed))[: args.calib_blocks]
+    ]
     base_loss = mean_token_loss(model, eval_blocks)
 
     stage("sensitivity")
@@ -160,8 +165,12 @@ def main(argv=None) -> int:
     done("sensitivity")
 
     results = {
-        "config": {**vars(args), "model": model_config, "recovery_steps": recovery_steps,
-                   "tokens_per_step": args.block_size * args.batch_size},  # fmt: skip
+        "config": {
+            **vars(args),
+            "model": model_config,
+            "recovery_steps": recovery_steps,
+            "tokens_per_step": args.block_size * args.batch_size,
+        },
         "pretrain": pretrain,
         "sensitivity": sensitivity,
         "uncompressed": {"loss": base_loss, "kv_fraction": 1.0},
@@ -180,7 +189,10 @@ def main(argv=None) -> int:
         }  # fmt: skip
         done(f"compress {name}")
 
-    recover = {**{name: Path(entry["folder"]) for name, entry in results["settings"].items()}, "uncompressed": base_folder}
+    recover = {
+        **{name: Path(entry["folder"]) for name, entry in results["settings"].items()},
+        "uncompressed": base_folder,
+    }
     for name, folder in recover.items():
         stage(f"recover {name}")
         summary = train(training_settings(args, out / "recovery" / name, init_from=str(folder), max_steps=recovery_steps,
@@ -195,7 +207,8 @@ def main(argv=None) -> int:
 
     svd, calib = results["settings"]["svd-50%"], results["settings"]["calib-50%"]
     results["targets"] = {
-        "calib below svd right after compression at 50% KV": calib["loss_after_compression"] < svd["loss_after_compression"],
+        "calib below svd right after compression at 50% KV": calib["loss_after_compression"]
+        < svd["loss_after_compression"],
         "calib-50% within 2% of uncompressed after recovery": calib["loss_after_recovery"] <= 1.02 * base_loss,
         "svd-50% within 2% of uncompressed after recovery": svd["loss_after_recovery"] <= 1.02 * base_loss,
     }
