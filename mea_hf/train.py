@@ -271,7 +271,10 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     model = load_initial_model(s, tokenizer)
     if s["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(parameter_groups(model, s["weight_decay"]), lr=s["lr"], betas=(s["adam_beta1"], s["adam_beta2"]))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, s["weight_decay"]), lr=s["lr"], betas=(s["adam_beta1"], s["adam_beta2"]),
+        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters; much faster on CPU
+    )
     multiplier = lr_multiplier(s["schedule"], s["warmup_steps"], s["max_steps"], s["min_lr_ratio"], s["decay_fraction"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     loader = DataLoader(TensorDataset(train_blocks), batch_size=s["batch_size"], shuffle=True, drop_last=True)

@@ -100,10 +100,13 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_setting_arguments(parser) -> None:
-    """`--config FILE` plus one flag per setting (default None = not given, so the file or DEFAULTS decide)."""
+def add_setting_arguments(parser, exclude: tuple[str, ...] = ()) -> None:
+    """`--config FILE` plus one flag per setting not in `exclude` (default None = not given, so the file or
+    DEFAULTS decide)."""
     parser.add_argument("--config", help="YAML/JSON file of settings (configs/train/*.yaml); flags override it.")
     for key, default in DEFAULTS.items():
+        if key in exclude:
+            continue
         if key in _BOOL_KEYS:
             action = argparse.BooleanOptionalAction
             parser.add_argument(_flag(key), dest=key, action=action, default=None, help=f"(default {default})")
@@ -112,8 +115,10 @@ def add_setting_arguments(parser) -> None:
             parser.add_argument(_flag(key), dest=key, type=kind, default=None, help=f"(default {default})")
 
 
-def settings_from_args(args) -> dict:
-    """The config file's settings overridden by every flag given on the command line."""
+def settings_from_args(args, exclude: tuple[str, ...] = ()) -> dict:
+    """The config file's settings overridden by every flag given on the command line (keys in `exclude` are not
+    read from the flags: `add_setting_arguments` did not define them)."""
     settings = load_config_file(args.config) if args.config else {}
-    settings.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key, None) is not None})
+    flags = [key for key in DEFAULTS if key not in exclude]
+    settings.update({key: getattr(args, key) for key in flags if getattr(args, key, None) is not None})
     return settings

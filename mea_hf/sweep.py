@@ -1,0 +1,149 @@
+"""`mea sweep-lr`: the same short training for every (variant, learning rate) pair — the paper's LR study, small.
+
+Every run uses the same tokenizer, data, token budget, seed and schedule; only the model variant and the peak LR
+change. Results go to `OUT/results.json` after each run, so an interrupted sweep continues where it stopped (pairs
+already done are skipped, a half-done run resumes from its last checkpoint). Outputs: results.json, table.md (also
+printed), loss_vs_lr.png and one training folder per run under OUT/runs/.
+
+Variants (configs/models/<size>-<variant>.json): llama (baseline), llama-headnorm (the paper's "+GroupNorm": per-head
+RMSNorm, no HLC), mea-nonorm (HLC without head norm), mea (HLC + head norm).
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .train_settings import add_setting_arguments, settings_from_args
+
+VARIANTS = ("llama", "llama-headnorm", "mea-nonorm", "mea")
+LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
+# Sized for about 45 minutes for the 16 runs on 2 idle CPU cores (tiny models, 300 steps x 2048 tokens each).
+SWEEP_DEFAULTS = {
+    "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 300, "warmup_steps": 30, "eval_every": 50,
+    "eval_blocks": 32, "save_every": 100, "keep_checkpoints": 1, "progress": False,
+}  # fmt: skip
+_PER_RUN_KEYS = ("model", "lr", "out", "resume", "init_from", "tokenizer")
+
+
+def run_name(variant: str, lr: float) -> str:
+    return f"{variant}-lr{lr:g}"
+
+
+def _finite_or_none(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _load_results(path: Path, base: dict) -> dict:
+    if not path.exists():
+        return {"settings": base, "runs": []}
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results.get("settings") != base:
+        raise ValueError(f"{path} was made with other settings ({results.get('settings')}); use another --out.")
+    return results
+
+
+def _sweep_tokenizer(base: dict, out: Path) -> str:
+    """One tokenizer for every run: the `tokenizer` setting, else one trained on the data, saved in OUT/tokenizer."""
+    from .data import cached_tokenizer
+
+    folder = out / "tokenizer"
+    if base.get("tokenizer"):
+        return base["tokenizer"]
+    if not folder.exists():
+        tokenizer = cached_tokenizer(base.get("data", "builtin"), base.get("vocab_size", 4096), base.get("cache_dir"))
+        with atomic_dir(folder) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return str(folder)
+
+
+def markdown_table(runs: list[dict], variants, lrs) -> str:
+    """Rows = variants, columns = LRs; each cell "final / best" validation loss, "diverged" marked."""
+    by_pair = {(r["variant"], r["lr"]): r for r in runs}
+    header = "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |"
+    lines = [header, "|---" * (len(lrs) + 2) + "|"]
+    for variant in variants:
+        cells, best = [], None
+        for lr in lrs:
+            run = by_pair.get((variant, lr))
+            if run is None:
+                cells.append("not run")
+                continue
+            final, low = run["final_val_loss"], run["best_val_loss"]
+            text = f"{final:.3f} / {low:.3f}" if final is not None else f"nan / {low:.3f}" if low is not None else "nan"
+            cells.append(text + (" (diverged)" if run["diverged"] else ""))
+            if low is not None and not run["diverged"]:
+                best = low if best is None else min(best, low)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'-' if best is None else f'{best:.3f}'} |")
+    return "\n".join(lines)
+
+
+def plot_results(runs: list[dict], variants, path: Path) -> Path:
+    from .plots import line_plot
+
+    series = {}
+    for variant in variants:
+        points = sorted((r["lr"], r["final_val_loss"]) for r in runs if r["variant"] == variant)
+        if points:
+            series[variant] = ([lr for lr, _ in points], [loss for _, loss in points])
+    return line_plot(path, series, "peak learning rate", "final validation loss (nats/token)",
+                     title="LR sweep (gaps: NaN/inf)", logx=True, marker="o")  # fmt: skip
+
+
+def sweep(base: dict, out, size: str = "tiny", variants=VARIANTS, lrs=LEARNING_RATES) -> dict:
+    """Train every (variant, lr) pair not yet in OUT/results.json; returns the results dict."""
+    from tqdm.auto import tqdm
+
+    from .train import model_config_path, train
+
+    out = Path(out)
+    base = {**SWEEP_DEFAULTS, **base}
+    for variant in variants:
+        model_config_path(f"{size}-{variant}")  # unknown size/variant: fail before any training
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = _load_results(results_path, {**base, "size": size})
+    tokenizer = _sweep_tokenizer(base, out)
+    done = {(r["variant"], r["lr"]) for r in results["runs"]}
+    pairs = [(v, lr) for v in variants for lr in lrs]
+    for variant, lr in tqdm([p for p in pairs if p not in done], desc="sweep-lr", initial=len(done & set(pairs)), total=len(pairs)):
+        run_out = out / "runs" / run_name(variant, lr)
+        summary = train({**base, "model": f"{size}-{variant}", "lr": lr, "tokenizer": tokenizer, "out": str(run_out), "resume": True})
+        results["runs"].append({
+            "variant": variant, "lr": lr,
+            **{k: _finite_or_none(summary[k]) for k in ("final_val_loss", "best_val_loss", "initial_val_loss", "tokens_per_second")},
+            "diverged": summary["diverged"], "tokens_seen": summary["tokens_seen"], "steps": summary["steps"],
+        })  # fmt: skip
+        atomic_write_json(results_path, results)
+        shutil.rmtree(run_out / "checkpoints", ignore_errors=True)  # the run is complete; its final folder stays
+    table = markdown_table(results["runs"], variants, lrs)
+    atomic_write_text(out / "table.md", table + "\n")
+    plot_results(results["runs"], variants, out / "loss_vs_lr.png")
+    return results
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--lrs must be comma-separated numbers, got {text!r}.") from None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    parser.add_argument("--size", default="tiny", help="model size: configs/models/<size>-<variant>.json (default tiny)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="comma-separated peak LRs")
+    add_setting_arguments(parser, exclude=_PER_RUN_KEYS)
+
+
+def run(args) -> int:
+    base = settings_from_args(args, exclude=_PER_RUN_KEYS)
+    clash = sorted(set(base) & set(_PER_RUN_KEYS) - {"tokenizer"})
+    if clash:
+        raise ValueError(f"the sweep sets {clash} per run; remove them from --config.")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    results = sweep(base, args.out, size=args.size, variants=variants, lrs=_floats(args.lrs))
+    print(markdown_table(results["runs"], variants, _floats(args.lrs)))
+    return 0
