@@ -280,6 +280,14 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
     LlamaForCausalLM(LlamaConfig(**TINY_DIMS)).save_pretrained(llama_folder)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    report = {
+        "kv_heads": 2,
+        "num_key_value_heads": 4,
+        "component_heads": [4, 4],
+        "layers": [{"layer": 0, "delta": 0.1}],
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "bad.json").write_text("{not json")
     model = ["--model", str(mea_folder)]
     cases = [
         (model + ["--kv-heads", "5"], "--kv-heads must be from 1 to 4"),
@@ -291,6 +299,9 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         (["--model", str(tmp_path / "missing"), "--kv-heads", "2"], "no such folder"),
         (model + ["--budget", "0.75"], "--sensitivity"),
         (model + ["--budget", "0.75", "--sensitivity", str(tmp_path / "none.json")], "no such file"),
+        (model + ["--budget", "0.5", "--sensitivity", str(tmp_path / "report.json")], "out of reach"),
+        (model + ["--budget", "0.75", "--sensitivity", str(tmp_path / "bad.json")], "not a sensitivity report"),
+        (model + ["--budget", "0.75", "--sensitivity", str(tmp_path / "report.json"), "--kv-heads", "1"], "differs"),
     ]
     for arguments, message in cases:
         out = tmp_path / "out"
@@ -317,3 +328,18 @@ def test_compressed_folder_recovers_with_the_pretraining_recipe(mea_folder, tmp_
     assert recovered.model.layers[0].self_attn.k_proj.out_features == 2 * recovered.config.head_dim
     hlc_before, hlc_after = compressed.model.layers[0].self_attn.hlc_k, recovered.model.layers[0].self_attn.hlc_k
     assert hlc_after.shape == (2, 4) and not torch.allclose(hlc_before, hlc_after)
+
+
+def test_cli_sensitivity_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_path, capsys):
+    model = ["--model", str(mea_folder)]
+    cases = [
+        (model + ["--kv-heads", "5"], "--kv-heads must be from 1 to 4"),
+        (model + ["--budget", "1.5"], "--budget"),
+        (["--model", str(tmp_path / "missing")], "no such folder"),
+        (model + ["--data", str(tmp_path / "missing.txt")], "does not exist"),
+    ]
+    for arguments, message in cases:
+        out = tmp_path / "out"
+        assert mea_main(["sensitivity", *arguments, "--out", str(out)]) == 2, arguments
+        assert message in capsys.readouterr().err, arguments
+        assert not out.exists(), arguments
