@@ -147,7 +147,8 @@ def run(args) -> int:
             tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
         )
     reduce_kv_heads(model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks)
-    card = {"how_made": describe(Path(args.model).name, args.method, kv_heads, layers, model.config)}
+    source_name = Path(args.model).resolve().name
+    card = {"how_made": describe(source_name, args.method, kv_heads, layers, model.config), "base_model": source_name}
     save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)
     print(f"saved MEA model caching {model.config.component_heads_per_layer} KV heads per layer to {args.out}")
     return 0

@@ -25,6 +25,7 @@ from transformers.utils import logging as transformers_logging
 
 from mea_hf.atomic import atomic_write_json, atomic_write_text
 from mea_hf.compress import reduce_kv_heads
+from mea_hf.compress_cli import describe
 from mea_hf.data import cached_blocks
 from mea_hf.hub import save_folder
 from mea_hf.loss import mean_token_loss
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         stage(f"compress {name}")
         compressed = reduce_kv_heads(load(base_folder)[0], 2, layers=layers, method=method, calib_blocks=calib_blocks)
         folder = save_folder(compressed, out / "compressed" / name, tokenizer,
-                             card={"how_made": f"bench_compress: {method}, layers {layers or 'all'} to 2 KV heads."})  # fmt: skip
+                             card={"how_made": describe("bench base", method, 2, layers, compressed.config)})  # fmt: skip
         results["settings"][name] = {
             "method": method, "layers": layers if layers is not None else list(range(args.layers)),
             "kv_fraction": kv_fraction(compressed.config), "loss_after_compression": mean_token_loss(compressed, eval_blocks),
