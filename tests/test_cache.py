@@ -139,3 +139,23 @@ def test_reset_plain_cache_can_be_reused_by_mea():
     logits = mea(ids, past_key_values=cache).logits
     torch.testing.assert_close(logits, mea(ids, use_cache=False).logits, atol=1e-5, rtol=0)
     assert [layer.keys.shape[1] for layer in cache.layers] == [1, 1]
+
+
+@pytest.mark.parametrize("model_kind", ["mea", "llama"])
+def test_speed_prefill_in_chunks_fills_the_default_cache_like_one_pass(model_kind):
+    """`mea_hf.speed` (used by the decode benchmark) measures the model's own default cache, filled correctly."""
+    from mea_hf.speed import prefill, time_decode
+
+    mea, llama = mea_and_llama(1)
+    model = mea if model_kind == "mea" else llama
+    chunked, next_chunked = prefill(model, context_len=11, batch_size=2, chunk_size=4)
+    whole, next_whole = prefill(model, context_len=11, batch_size=2, chunk_size=11)
+    assert type(chunked) is (MEACache if model_kind == "mea" else DynamicCache)
+    assert chunked.get_seq_length() == 11 and torch.equal(next_chunked, next_whole)
+    for layer, ref_layer in zip(chunked.layers, whole.layers):
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=0)
+    time_decode(model, chunked, next_chunked, new_tokens=3)
+    assert chunked.get_seq_length() == 14
+    with pytest.raises(ValueError, match="context_len, batch_size and chunk_size must be >= 1"):
+        prefill(model, context_len=0)
