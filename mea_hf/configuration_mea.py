@@ -40,9 +40,10 @@ class MEAConfig(PreTrainedConfig):
 
     model_type = "mea"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism shards the MLP only. Attention stays replicated: HLC mixes K/V across all heads, so a rank
+    # holding a slice of the query heads would still need every virtual head, which transformers' plans can't express
+    # (a colwise q_proj/rowwise o_proj plan fails with head norm and silently gives wrong logits without it).
     base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",

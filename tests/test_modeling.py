@@ -2,6 +2,10 @@
 padding, gradient checkpointing, sequence classification, recorded outputs, initialisation, and the claim that
 h' = h with identity HLC and no head norm is exactly Llama."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import TINY_DIMS, perturb_, tiny_mea_config
@@ -210,3 +214,35 @@ def test_flex_attention_is_refused_clearly():
     """`_supports_flex_attn` is False (the absorbed decode path takes dense masks): asking for it must fail loudly."""
     with pytest.raises(ValueError, match="flex_attention"):
         MEAForCausalLM._from_config(compressed_config(), attn_implementation="flex_attention")
+
+
+TP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto", trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+if dist.get_rank() == 0:
+    torch.save(logits, sys.argv[3])
+"""
+
+
+def test_tensor_parallel_plan_gives_the_same_logits(tmp_path):
+    """`tp_plan="auto"` over 2 CPU processes (gloo) must reproduce the single-process logits, head norm and
+    compressed heads included (an attention plan sharding q_proj/o_proj got this wrong)."""
+    model = random_model()
+    model.save_pretrained(tmp_path / "model")
+    input_ids = torch.randint(3, TINY_DIMS["vocab_size"], (2, 9))
+    torch.save(input_ids, tmp_path / "inputs.pt")
+    (tmp_path / "tp.py").write_text(TP_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tp.py"]
+    result = subprocess.run(
+        [*command, str(tmp_path / "model"), "inputs.pt", "logits.pt"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() <= 1e-5
