@@ -51,9 +51,9 @@ def model_config_path(model: str) -> Path:
     return path
 
 
-def build_model(model: str, tokenizer, block_size: int):
-    """A freshly initialised causal LM from a config JSON ("model_type" mea or llama), sized to `tokenizer`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(model: str, **overrides):
+    """The transformers config of `configs/models/<model>.json` (or a config JSON path), fields overridden."""
+    from transformers import AutoConfig
 
     import mea_hf  # noqa: F401  (registers "mea")
 
@@ -62,16 +62,23 @@ def build_model(model: str, tokenizer, block_size: int):
     model_type = fields.pop("model_type", None)
     if model_type not in ("mea", "llama"):
         raise ValueError(f"model config {path}: `model_type` must be 'mea' or 'llama', got {model_type!r}.")
-    fields.update(
+    return AutoConfig.for_model(model_type, **{**fields, **overrides})
+
+
+def build_model(model: str, tokenizer, block_size: int):
+    """A freshly initialised causal LM from a config JSON ("model_type" mea or llama), sized to `tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(
+        model,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=False,
     )
-    config = AutoConfig.for_model(model_type, **fields)
     if block_size > config.max_position_embeddings:
-        raise ValueError(f"block_size {block_size} exceeds max_position_embeddings {config.max_position_embeddings} of {path}.")
+        raise ValueError(f"block_size {block_size} exceeds max_position_embeddings {config.max_position_embeddings} of {model}.")
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

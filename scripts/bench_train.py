@@ -1,0 +1,114 @@
+"""Training throughput, MEA vs the Llama baseline of the same size, measured in one run (interleaved rounds).
+
+Each round times `--steps` full optimizer steps (forward, backward, clipping, fused AdamW) of both models on the same
+random token blocks, alternating which model goes first. Reports tokens/s per model (median over rounds) and the
+MEA / Llama ratio (target >= 0.95). Writes JSON and a PNG, prints a Markdown table.
+
+    python scripts/bench_train.py                       # tiny, CPU, a couple of minutes
+    python scripts/bench_train.py --size 125m --block-size 1024 --batch-size 8 --bf16   # on a GPU
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from mea_hf.atomic import atomic_write_json, atomic_write_text
+from mea_hf.plots import line_plot
+from mea_hf.train import model_config, parameter_groups
+
+VARIANTS = ("llama", "mea")
+
+
+def make_trainer(name: str, device: torch.device, bf16: bool, gradient_checkpointing: bool):
+    """(model, step function) for configs/models/<name>.json, initialised with a fixed seed."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(name, use_cache=False), dtype=torch.float32).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+
+    def step(batch: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="tiny", help="configs/models/<size>-{llama,mea}.json (default tiny)")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="runs/bench_train")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    names = {variant: f"{args.size}-{variant}" for variant in VARIANTS}
+    trainers = {v: make_trainer(n, device, args.bf16, args.gradient_checkpointing) for v, n in names.items()}
+    vocab = trainers["llama"][0].config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, vocab, (args.batch_size, args.block_size), generator=generator).to(device)
+    for _, step in trainers.values():  # warm-up: allocator, kernels, optimizer state
+        step(batch)
+    tokens = args.steps * args.batch_size * args.block_size
+    rates = {v: [] for v in VARIANTS}
+    for round_index in tqdm(range(args.rounds), desc="bench-train rounds"):
+        order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
+        for variant in order:
+            step = trainers[variant][1]
+            _synchronize(device)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step(batch)
+            _synchronize(device)
+            rates[variant].append(tokens / (time.perf_counter() - started))
+    median = {v: statistics.median(r) for v, r in rates.items()}
+    per_round = [m / l for m, l in zip(rates["mea"], rates["llama"])]
+    result = {
+        "command_args": vars(args),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "parameters": {v: sum(p.numel() for p in trainers[v][0].parameters()) for v in VARIANTS},
+        "tokens_per_second": rates,
+        "median_tokens_per_second": median,
+        "ratio_mea_over_llama": median["mea"] / median["llama"],
+        "per_round_ratio": per_round,
+        "median_per_round_ratio": statistics.median(per_round),
+    }
+    out = Path(args.out)
+    atomic_write_json(out / "bench_train.json", result)
+    rounds = list(range(1, args.rounds + 1))
+    line_plot(out / "bench_train.png", {f"{names[v]}": (rounds, rates[v]) for v in VARIANTS}, "round",
+              "training tokens/s", title=f"training throughput, {args.size}, {result['device']}", marker="o")  # fmt: skip
+    table = "\n".join([
+        "| model | parameters | tokens/s (median) | ratio vs Llama |",
+        "|---|---|---|---|",
+        *(f"| {names[v]} | {result['parameters'][v]:,} | {median[v]:,.0f} | {median[v] / median['llama']:.3f} |" for v in VARIANTS),
+    ])  # fmt: skip
+    table += f"\n\nMedian per-round MEA/Llama ratio: {result['median_per_round_ratio']:.3f} (rounds: {', '.join(f'{r:.3f}' for r in per_round)})"
+    atomic_write_text(out / "bench_train.md", table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
