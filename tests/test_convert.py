@@ -4,6 +4,7 @@ from a model, from a saved folder and through `mea convert`; unsupported checkpo
 import pytest
 import torch
 from conftest import TINY_DIMS, perturb_
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -126,6 +127,9 @@ def test_convert_cli_writes_an_equivalent_folder(tmp_path, tokenizer):
     # an existing non-empty output is refused unless --overwrite
     assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
 
 
 def _gpt2():
