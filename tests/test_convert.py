@@ -24,6 +24,7 @@ from transformers import (
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
 from mea_hf.convert import from_llama
+from mea_hf.hub import save_folder
 
 TOLERANCE = 1e-4
 LLAMA3_ROPE = {
@@ -103,14 +104,20 @@ def test_conversion_is_exact(name):
     assert max_logit_diff(source, converted) > TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["llama-bias", "qwen3"])
-def test_conversion_from_saved_folder(tmp_path, name):
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_conversion_from_saved_folder_and_back(tmp_path, name):
+    """Folder in (as `from_pretrained` reads it), MEA folder out, reloaded through the Auto classes: still exact."""
     source = make_source(name)
     source.save_pretrained(tmp_path / "src")
     converted = from_llama(tmp_path / "src")
     assert converted.dtype == torch.float32
     assert max_logit_diff(source, converted) <= TOLERANCE
-    assert from_llama(str(tmp_path / "src"), dtype=torch.bfloat16).dtype == torch.bfloat16
+    save_folder(converted, tmp_path / "mea")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mea")
+    assert isinstance(reloaded, MEAForCausalLM) and reloaded.config.rope_parameters == source.config.rope_parameters
+    assert max_logit_diff(source, reloaded) <= TOLERANCE
+    if name == "llama-bias":
+        assert from_llama(str(tmp_path / "src"), dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_convert_cli_writes_an_equivalent_folder(tmp_path, tokenizer):
