@@ -19,9 +19,9 @@ from .train_settings import add_setting_arguments, settings_from_args
 
 VARIANTS = ("llama", "llama-headnorm", "mea-nonorm", "mea")
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
-# Sized for about 45 minutes for the 16 runs on 2 idle CPU cores (tiny models, 300 steps x 2048 tokens each).
+# Sized for about 45 minutes for the 16 runs on 2 idle CPU cores (tiny models, 200 steps x 2048 tokens each).
 SWEEP_DEFAULTS = {
-    "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 300, "warmup_steps": 30, "eval_every": 50,
+    "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 200, "warmup_steps": 20, "eval_every": 40,
     "eval_blocks": 32, "save_every": 100, "keep_checkpoints": 1, "progress": False,
 }  # fmt: skip
 _PER_RUN_KEYS = ("model", "lr", "out", "resume", "init_from", "tokenizer")
@@ -95,7 +95,7 @@ def sweep(base: dict, out, size: str = "tiny", variants=VARIANTS, lrs=LEARNING_R
     """Train every (variant, lr) pair not yet in OUT/results.json; returns the results dict."""
     from tqdm.auto import tqdm
 
-    from .train import model_config_path, train
+    from .train import checkpoint_dirs, model_config_path, train
 
     out = Path(out)
     base = {**SWEEP_DEFAULTS, **base}
@@ -109,6 +109,8 @@ def sweep(base: dict, out, size: str = "tiny", variants=VARIANTS, lrs=LEARNING_R
     pairs = [(v, lr) for v in variants for lr in lrs]
     for variant, lr in tqdm([p for p in pairs if p not in done], desc="sweep-lr", initial=len(done & set(pairs)), total=len(pairs)):
         run_out = out / "runs" / run_name(variant, lr)
+        if run_out.exists() and not checkpoint_dirs(run_out):
+            shutil.rmtree(run_out)  # stopped before its first checkpoint: start it again
         summary = train({**base, "model": f"{size}-{variant}", "lr": lr, "tokenizer": tokenizer, "out": str(run_out), "resume": True})
         results["runs"].append({
             "variant": variant, "lr": lr,
