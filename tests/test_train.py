@@ -134,3 +134,29 @@ def test_schedules_warm_up_then_decay_to_min_ratio():
     assert wsd(88) < 1.0 and wsd(109) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule"):
         lr_multiplier("step", 1, 10)
+
+
+def test_sweep_lr_table_plot_divergence_and_resume(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    common = ["sweep-lr", "--out", str(out), "--variants", "llama,mea", "--data", str(data_dir), "--vocab-size", "320",
+              "--block-size", "32", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "3",
+              "--eval-blocks", "2", "--cache-dir", str(data_dir / "cache")]  # fmt: skip
+    assert cli_main([*common, "--lrs", "1e-3"]) == 0
+    first = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["variant"], r["lr"]) for r in first] == [("llama", 1e-3), ("mea", 1e-3)]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
+
+    assert cli_main([*common, "--lrs", "1e-3,30"]) == 0  # extends the grid; done pairs are skipped
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["variant"], r["lr"]) for r in runs[:2]] == [("llama", 1e-3), ("mea", 1e-3)] and len(runs) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    for run in runs:
+        summary = json.loads((out / "runs" / f"{run['variant']}-lr{run['lr']:g}" / "summary.json").read_text())
+        assert run["final_val_loss"] == summary["final_val_loss"] and run["diverged"] == summary["diverged"]
+        assert run["diverged"] == (run["lr"] == 30)  # LR 30 blows the loss up above its initial value
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| variant | lr 0.001 | lr 30 | best |"
+    assert "(diverged)" in table and table in capsys.readouterr().out
+    assert (out / "loss_vs_lr.png").stat().st_size > 1000
+    assert cli_main([*common, "--lrs", "1e-3", "--max-steps", "4"]) == 2
+    assert "made with other settings" in capsys.readouterr().err
