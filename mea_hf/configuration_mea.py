@@ -27,7 +27,9 @@ class MEAConfig(PreTrainedConfig):
         `num_key_value_heads` (no compression). Head-level Linear Composition rebuilds the `num_key_value_heads`
         virtual heads from them.
     hlc_keys / hlc_values (`bool`, defaults to `True`):
-        Mix keys / values across heads with a learned (h' x h) matrix per layer. Required when h' < h.
+        Mix keys / values across heads with a learned (h' x h) matrix per layer. Required when h' < h. A fresh
+        model starts from the identity when h' = h (exactly standard attention); when h' < h, virtual head j starts
+        as a copy of component j * h' // h (grouped-query attention over the components).
     head_norm (`"rms"` or `None`, defaults to `"rms"`):
         Per-head RMSNorm of each attention output before `o_proj`, with a learned per-channel scale.
     qk_norm (`bool`, defaults to `False`):
