@@ -1,8 +1,8 @@
 """MEAConfig: defaults, validation errors that name the field, JSON round trip."""
 
 import pytest
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from conftest import TINY_DIMS, tiny_mea_config
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
 from mea_hf import MEAConfig
 

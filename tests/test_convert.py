@@ -134,13 +134,18 @@ def test_convert_cli_writes_an_equivalent_folder(tmp_path, tokenizer):
     # an existing non-empty output is refused unless --overwrite
     assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
-    assert mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert (
+        mea_main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+        == 0
+    )
     weights = load_file(tmp_path / "bf16" / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
 
 
 def _gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2)
+    )
 
 
 def _windowed_mistral():

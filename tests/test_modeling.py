@@ -181,7 +181,11 @@ def test_init_weights_for_parameters_missing_from_a_checkpoint(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     dropped = [name for name in weights if name.endswith(("hlc_k", "hlc_v", "norm.weight")) and ".self_attn." in name]
     assert len(dropped) == 2 * 5
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     loaded = MEAForCausalLM.from_pretrained(tmp_path)
     _assert_initial_mea_parameters(loaded)
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
@@ -240,7 +244,7 @@ def test_tensor_parallel_plan_gives_the_same_logits(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tp.py"]
     result = subprocess.run(
         [*command, str(tmp_path / "model"), "inputs.pt", "logits.pt"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
