@@ -40,7 +40,7 @@ def compare_folders(folders, tasks=OFFLINE_TASKS, limit=None, **eval_options) ->
     return rows
 
 
-def _score_columns(rows: list[dict]) -> list[tuple[str, str, bool]]:
+def score_columns(rows: list[dict]) -> list[tuple[str, str, bool]]:
     """(task, metric, higher is better) for each task any row reported, in first-seen order."""
     columns = {}
     for row in rows:
@@ -62,7 +62,7 @@ def _cell(value) -> str:
 def comparison_markdown(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> str:
     """Markdown table: model, KV bytes/token (fp16), KV vs uncompressed, `extra_columns` (keys of each row, e.g.
     "val_loss"), then the headline metric of every task (arrow: which direction is better)."""
-    scores = _score_columns(rows)
+    scores = score_columns(rows)
     header = ["model", "KV bytes/token (fp16)", "KV vs full", *extra_columns]
     header += [f"{task} {metric} {'↑' if higher else '↓'}" for task, metric, higher in scores]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]

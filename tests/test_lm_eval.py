@@ -65,14 +65,14 @@ def _reference_bits_per_byte(model, tokenizer, texts: list[str]) -> float:
 
 
 def test_lm_eval_cli_hf_remote_code_and_mea_model_agree(folders, tokenizer, tmp_path):
-    """`lm_eval --model hf ...trust_remote_code=True` and `python -m mea_hf.lm_eval_model --model mea` (absorb decode,
+    """`lm_eval --model hf ...trust_remote_code=True` and `mea-lm-eval --model mea` (absorb decode,
     static compressed cache) both run all three offline task types, from an unrelated working directory, and agree;
     the perplexity matches the model's own log-likelihood of the held-out chunks."""
     hf = _run_lm_eval(
         [str(REPO / ".venv/bin/lm_eval"), "--model", "hf", "--model_args",
          f"pretrained={folders['mea']},trust_remote_code=True"], tmp_path, "hf")  # fmt: skip
     mea = _run_lm_eval(
-        [sys.executable, "-m", "mea_hf.lm_eval_model", "--model", "mea", "--model_args",
+        [str(Path(sys.executable).parent / "mea-lm-eval"), "--model", "mea", "--model_args",
          f"pretrained={folders['mea']},kv_decode=absorb,cache_implementation=static"], tmp_path, "mea")  # fmt: skip
     for results in (hf, mea):
         assert set(results) == {"mea_heldout_ppl", "mea_next_line", "mea_complete_line"}
