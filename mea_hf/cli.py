@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from huggingface_hub.errors import StrictDataclassError
+
 COMMANDS = {
     "convert": ("mea_hf.convert_cli", "Convert a Llama/Mistral/Qwen2/Qwen3 folder to an equivalent MEA folder."),
     "compress": ("mea_hf.compress_cli", "Reduce the cached KV heads of an MEA folder (SVD or calibration)."),
@@ -17,7 +19,7 @@ COMMANDS = {
 }
 
 # Errors that mean "bad input": printed as one clear line, exit status 2, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, StrictDataclassError)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -12,6 +12,9 @@ import torch  # noqa: E402
 
 import mea_hf  # noqa: E402,F401
 
+# Tiny models run faster on one thread, and the suite stays quick on a busy 2-core machine.
+torch.set_num_threads(1)
+
 TINY_DIMS = dict(
     vocab_size=128,
     hidden_size=64,
