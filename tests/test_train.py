@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     (folder / "textwrap.txt").write_text(inspect.getsource(textwrap_module)[:9000], encoding="utf-8")
     (folder / "json.txt").write_text(inspect.getsource(json_module)[:9000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """72 training blocks of 32 tokens: with batches of 8 an epoch is 9 micro-batches, so 8 steps of 2 cross it."""
+    import inspect
+    import textwrap as textwrap_module
+
+    folder = tmp_path_factory.mktemp("small-data")
+    (folder / "textwrap.txt").write_text(inspect.getsource(textwrap_module)[:4000], encoding="utf-8")
     return folder
 
 
@@ -74,15 +86,17 @@ def test_llama_baseline_trains_to_a_llama_folder(data_dir, tmp_path):
     assert type(model).__name__ == "LlamaForCausalLM" and math.isfinite(summary["final_val_loss"])
 
 
-def test_interrupted_save_keeps_last_checkpoint_and_resume_is_exact(data_dir, tmp_path):
-    reference = train(_settings(data_dir, tmp_path / "a"))
+def test_interrupted_save_keeps_last_checkpoint_and_resume_is_exact(small_data, tmp_path):
+    # 8 steps x 2 micro-batches of 8 blocks over 9 batches per epoch: the epoch ends inside step 5.
+    reference = train(_settings(small_data, tmp_path / "a", batch_size=8))
     reference_records = read_metrics(reference["out_dir"])
+    assert [r["step"] for r in reference_records if "loss" in r] == list(range(1, 9))
 
     def crash_while_saving_step_6(event, step=None, **info):
         if event == "checkpoint_saving" and step == 6:
             raise KeyboardInterrupt
 
-    interrupted = _settings(data_dir, tmp_path / "b")
+    interrupted = _settings(small_data, tmp_path / "b", batch_size=8)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, on_event=crash_while_saving_step_6)
     kept = checkpoint_dirs(interrupted["out"])
@@ -92,14 +106,26 @@ def test_interrupted_save_keeps_last_checkpoint_and_resume_is_exact(data_dir, tm
     with pytest.raises(FileExistsError, match="pass resume"):
         train(interrupted)
 
+    def steps_seen(log):
+        return lambda event, step=None, **info: log.append(step) if event == "step" else None
+
     seen = []
-    resumed = train({**interrupted, "resume": True}, on_event=lambda event, step=None, **i: seen.append(step) if event == "step" else None)
-    assert seen == [4, 5, 6, 7, 8]  # started after the checkpoint
-    assert read_metrics(resumed["out_dir"]) == [r for r in reference_records]  # same losses, LRs, grad norms, val
+    resumed = train({**interrupted, "resume": True}, on_event=steps_seen(seen))
+    assert seen == [4, 5, 6, 7, 8]  # from the checkpoint at step 3 (epoch 0, 6 batches in), across the epoch end
+    assert read_metrics(resumed["out_dir"]) == reference_records  # same losses, LRs, grad norms, val losses
     assert resumed["final_val_loss"] == reference["final_val_loss"]
     a = load_file(f"{reference['final_dir']}/model.safetensors")
     b = load_file(f"{resumed['final_dir']}/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Resuming from the reference's step-6 checkpoint (epoch 1, 3 batches in) also reproduces steps 7 and 8.
+    copy = tmp_path / "c"
+    shutil.copytree(reference["out_dir"], copy)
+    shutil.rmtree(copy / "final")
+    seen.clear()
+    again = train({**interrupted, "out": str(copy), "resume": True}, on_event=steps_seen(seen))
+    assert seen == [7, 8] and read_metrics(copy) == reference_records
+    assert again["final_val_loss"] == reference["final_val_loss"]
 
 
 def test_parameter_groups_skip_norms_embeddings_and_hlc(tokenizer):
