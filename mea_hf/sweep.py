@@ -137,7 +137,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default="tiny", help="model size: configs/models/<size>-<variant>.json (default tiny)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})")
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="comma-separated peak LRs")
-    add_setting_arguments(parser, exclude=_PER_RUN_KEYS)
+    add_setting_arguments(parser, exclude=_PER_RUN_KEYS, shown_defaults=SWEEP_DEFAULTS)
 
 
 def run(args) -> int:

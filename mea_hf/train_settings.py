@@ -100,11 +100,11 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_setting_arguments(parser, exclude: tuple[str, ...] = ()) -> None:
-    """`--config FILE` plus one flag per setting not in `exclude` (default None = not given, so the file or
-    DEFAULTS decide)."""
+def add_setting_arguments(parser, exclude: tuple[str, ...] = (), shown_defaults: dict | None = None) -> None:
+    """`--config FILE` plus one flag per setting not in `exclude` (default None = not given, so the file or the
+    defaults decide; `shown_defaults` overrides the defaults named in the help)."""
     parser.add_argument("--config", help="YAML/JSON file of settings (configs/train/*.yaml); flags override it.")
-    for key, default in DEFAULTS.items():
+    for key, default in {**DEFAULTS, **(shown_defaults or {})}.items():
         if key in exclude:
             continue
         if key in _BOOL_KEYS:
