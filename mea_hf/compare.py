@@ -74,7 +74,9 @@ def comparison_markdown(rows: list[dict], extra_columns: tuple[str, ...] = ()) -
     return "\n".join(lines)
 
 
-def write_comparison(rows: list[dict], out: str | os.PathLike, extra_columns: tuple[str, ...] = ()) -> tuple[Path, Path]:
+def write_comparison(
+    rows: list[dict], out: str | os.PathLike, extra_columns: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
     """Write `out` with suffix .md (table) and .json (all rows and metrics); returns both paths."""
     out = Path(out)
     markdown_path, json_path = out.with_suffix(".md"), out.with_suffix(".json")

@@ -43,14 +43,12 @@ def task_manager(tasks=()):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=not offline_only)
 
 
-def _check_tasks(tasks, manager) -> list[str]:
-    tasks = list(tasks)
+def _check_tasks(tasks: list[str], manager) -> None:
     if not tasks:
         raise ValueError("no tasks given")
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; the offline tasks are {list(OFFLINE_TASKS)}")
-    return tasks
 
 
 def _clean_metrics(raw: dict) -> dict[str, float]:
@@ -70,10 +68,20 @@ def headline_metric(task: str, metrics: dict[str, float]) -> tuple[str, bool] | 
     return next((choice for choice in PREFERRED_METRICS if choice[0] in metrics), None)
 
 
+def headline_scores(results: dict, suffix: str = "") -> dict[str, float]:
+    """{"task metric": value} with one headline metric per task, for tables and model cards."""
+    scores = {}
+    for task, metrics in results.items():
+        headline = headline_metric(task, metrics)
+        if headline is not None:
+            scores[f"{task} {headline[0]}{suffix}"] = metrics[headline[0]]
+    return scores
+
+
 def evaluate_folder(
     folder: str | os.PathLike,
     tasks=OFFLINE_TASKS,
-    limit: int | float | None = None,
+    limit: float | None = None,
     *,
     batch_size: int = 8,
     device: str = "cpu",
@@ -90,7 +98,7 @@ def evaluate_folder(
     path = check_model_folder(folder)
     tasks = list(tasks)
     manager = task_manager(tasks)
-    tasks = _check_tasks(tasks, manager)
+    _check_tasks(tasks, manager)
     model_args = {"pretrained": str(path), "dtype": "float32"}
     if kv_decode is not None:
         model_args["kv_decode"] = kv_decode
@@ -155,13 +163,3 @@ def run(args) -> int:
         update_model_card_results(args.folder, headline_scores(results, suffix=f" (limit {limit})" if limit else ""))
     print(results_markdown(results))
     return 0
-
-
-def headline_scores(results: dict, suffix: str = "") -> dict[str, float]:
-    """{"task metric": value} with one headline metric per task, for tables and model cards."""
-    scores = {}
-    for task, metrics in results.items():
-        headline = headline_metric(task, metrics)
-        if headline is not None:
-            scores[f"{task} {headline[0]}{suffix}"] = metrics[headline[0]]
-    return scores

@@ -40,7 +40,9 @@ class MEALM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if kv_decode is not None:
             if self.model.config.model_type != "mea":
-                raise ValueError(f"kv_decode applies to MEA models only; {pretrained} is a {self.model.config.model_type}.")
+                raise ValueError(
+                    f"kv_decode applies to MEA models only; {pretrained} is a {self.model.config.model_type}."
+                )
             self.model.config.kv_decode = kv_decode
         self.cache_implementation = cache_implementation
 

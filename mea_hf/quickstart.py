@@ -98,7 +98,9 @@ def _smoke_data(out: Path) -> str:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds quickstart outputs ({', '.join(existing)}); pass --overwrite or --out.")
+        raise FileExistsError(
+            f"{out} already holds quickstart outputs ({', '.join(existing)}); pass --overwrite or --out."
+        )
     for name in existing:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -133,7 +135,9 @@ class Quickstart:
 
         summary = train(self._train_settings(out=str(self.out / name), **settings))
         if summary["diverged"]:
-            raise RuntimeError(f"training {name} diverged (validation loss {summary['final_val_loss']}); see {summary['out_dir']}")
+            raise RuntimeError(
+                f"training {name} diverged (validation loss {summary['final_val_loss']}); see {summary['out_dir']}"
+            )
         self.summaries[name] = summary
         self.folders[name] = Path(summary["final_dir"])
 
@@ -170,7 +174,7 @@ class Quickstart:
         reduce_kv_heads(model, heads, method="calib", calib_blocks=calib)
         how_made = (
             f"`{source}` with its KV cache compressed to {heads} of {model.config.num_key_value_heads} heads in every "
-            f"layer by `mea_hf.compress.reduce_kv_heads(method=\"calib\")` on {len(calib)} training blocks of "
+            f'layer by `mea_hf.compress.reduce_kv_heads(method="calib")` on {len(calib)} training blocks of '
             f"{s['block_size']} tokens (mea quickstart); no training after compression."
         )
         self.folders["mea-kv50-compressed"] = save_folder(model, self.out / "mea-kv50-compressed", tokenizer,
@@ -208,7 +212,10 @@ class Quickstart:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         blocks = cached_blocks(tokenizer, self.data, "validation", s["block_size"], self.cache_dir)[: s["eval_blocks"]]
         speeds = [decode_tokens_per_second(model, s["decode_context"], s["decode_tokens"]) for _ in range(3)]
-        return {"val_loss": mean_token_loss(model, blocks, batch_size=s["batch_size"]), "decode_tokens_per_s": max(speeds)}
+        return {
+            "val_loss": mean_token_loss(model, blocks, batch_size=s["batch_size"]),
+            "decode_tokens_per_s": max(speeds),
+        }
 
     def generate_sample(self) -> None:
         """Greedy text from the recovered 50%-KV model, decoded over its compressed cache (type and bytes recorded)."""
@@ -281,7 +288,9 @@ class Quickstart:
         from .plots import save_figure
 
         panels = [("val_loss", "validation loss ↓")]
-        panels += [((task, metric), f"{task}\n{metric} {'↑' if up else '↓'}") for task, metric, up in score_columns(self.rows)]
+        panels += [
+            ((task, metric), f"{task}\n{metric} {'↑' if up else '↓'}") for task, metric, up in score_columns(self.rows)
+        ]
         panels += [("kv_bytes_per_token", "KV bytes/token (fp16) ↓"), ("decode_tokens_per_s", "decode tokens/s ↑")]
         columns = math.ceil(len(panels) / 2)
         figure, axes = plt.subplots(2, columns, figsize=(3.4 * columns, 7), squeeze=False)
@@ -323,8 +332,12 @@ class Quickstart:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes and few steps (CI): the same code path in < 1 min")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier quickstart in --out")
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes and few steps (CI): the same code path in < 1 min"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of an earlier quickstart in --out"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mea_hf.atomic import atomic_write_text  # noqa: E402
-from mea_hf.corpus import builtin_corpus  # noqa: E402
+from mea_hf.atomic import atomic_write_text
+from mea_hf.corpus import builtin_corpus
 
 CONTEXT_LINES = 8
 NUM_CHUNKS = 40
@@ -84,7 +84,9 @@ def next_line_examples(documents: list[str], rng: random.Random) -> list[dict]:
     for doc_index, line_index in _shuffled_line_positions(documents, rng):
         lines = split_lines[doc_index]
         true_line = lines[line_index]
-        pool = [line for other, line in by_indent.get(_indent(true_line), []) if other != doc_index and line != true_line]
+        pool = [
+            line for other, line in by_indent.get(_indent(true_line), []) if other != doc_index and line != true_line
+        ]
         distractors = sorted(set(pool))
         if len(distractors) < NUM_DISTRACTORS:
             continue

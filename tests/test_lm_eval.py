@@ -46,7 +46,7 @@ def _run_lm_eval(command: list[str], cwd: Path, name: str) -> dict:
     out = cwd / name
     args = [*command, "--tasks", "mea_offline", "--include_path", str(TASKS_DIR), "--device", "cpu",
             "--limit", str(LIMIT), "--output_path", str(out)]  # fmt: skip
-    done = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     (result_file,) = out.rglob("results_*.json")
     return json.loads(result_file.read_text())["results"]
@@ -115,7 +115,10 @@ def _check_compressed_cache(cache_class: str, heads: list[int], nbytes: int, tok
     assert cache_class in ("MEACache", "MEAStaticCache")
     assert heads == [1] * config.num_hidden_layers
     assert nbytes == 2 * config.num_hidden_layers * 1 * tokens * config.head_dim * 4
-    assert nbytes * config.num_key_value_heads == 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * config.head_dim * 4
+    assert (
+        nbytes * config.num_key_value_heads
+        == 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * config.head_dim * 4
+    )
 
 
 def _greedy_without_cache(model, tokenizer, context: str, new_tokens: int) -> str:
@@ -170,15 +173,24 @@ print(json.dumps({{"text": texts[0], "cache": type(cache).__name__, "module": ty
     assert result["text"] == _greedy_without_cache(model, tokenizer, CONTEXT, 6)
 
 
-def test_evaluate_folder_runs_llama_and_mea_folders(folders):
-    """`evaluate_folder` (the `mea` lm-eval model in-process) on the Llama baseline folder and the MEA folder."""
+def test_evaluate_folder_and_mea_eval_on_llama_and_mea_folders(folders, tmp_path):
+    """`evaluate_folder` (the `mea` lm-eval model in-process) on the Llama baseline folder; `mea eval` on the MEA
+    folder writes the JSON and adds the headline scores to the folder's model card."""
+    from mea_hf.cli import main
     from mea_hf.evaluate import evaluate_folder
 
-    for name in ("llama", "mea"):
-        results = evaluate_folder(folders[name], ["mea_next_line", "mea_heldout_ppl"], limit=2, batch_size=2)
-        assert set(results) == {"mea_next_line", "mea_heldout_ppl"}
-        assert 0 <= results["mea_next_line"]["acc"] <= 1
-        assert results["mea_heldout_ppl"]["bits_per_byte"] > 0
+    results = evaluate_folder(folders["llama"], ["mea_next_line", "mea_heldout_ppl"], limit=2, batch_size=2)
+    assert set(results) == {"mea_next_line", "mea_heldout_ppl"}
+    assert 0 <= results["mea_next_line"]["acc"] <= 1 and results["mea_heldout_ppl"]["bits_per_byte"] > 0
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(folders["mea"]), "--tasks", "mea_next_line,mea_heldout_ppl", "--limit", "2",
+                 "--batch-size", "2", "--out", str(out), "--update-card"]) == 0  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written["limit"] == 2 and set(written["results"]) == {"mea_next_line", "mea_heldout_ppl"}
+    card = (folders["mea"] / "README.md").read_text()
+    acc = written["results"]["mea_next_line"]["acc"]
+    assert f"| mea_next_line acc (limit 2) | {acc:.4g} |" in card
 
 
 def test_mea_compare_writes_markdown_and_json_with_kv_bytes(folders, tmp_path):

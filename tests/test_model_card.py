@@ -32,7 +32,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 def run_without_mea_hf(script: str) -> dict:
     """Run `script` in a fresh Python where mea_hf cannot be imported; it prints one JSON line, returned parsed."""
-    done = subprocess.run([sys.executable, "-c", BLOCK_MEA_HF + script], env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_MEA_HF + script], env=ENV, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Do you wish to run the custom code" not in done.stdout
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -75,7 +77,9 @@ def test_converted_folder_card_names_base_model_and_llama_card_has_no_remote_cod
 
 def test_update_model_card_results_merges_rows_and_keeps_the_rest(tmp_path, tokenizer):
     model = mea_hf.MEAForCausalLM(tiny_mea_config(vocab_size=len(tokenizer)))
-    folder = save_folder(model, tmp_path / "mea", tokenizer, card={"how_made": "Step one.", "results": {"val loss": 3.5}})
+    folder = save_folder(
+        model, tmp_path / "mea", tokenizer, card={"how_made": "Step one.", "results": {"val loss": 3.5}}
+    )
     update_model_card_results(folder, {"mea_next_line acc": 0.375})
     update_model_card_results(folder, {"val loss": 3.25})
     card = (folder / "README.md").read_text()
@@ -104,15 +108,18 @@ def test_saved_folder_loads_with_plain_transformers_without_mea_hf(tmp_path, tok
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, -1]
         generated = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, use_cache=False)
-    script = snippet + f"""
+    script = (
+        snippet
+        + """
 import json, sys, torch
 with torch.no_grad():
     logits = model(inputs["input_ids"]).logits[0, -1]
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-print(json.dumps({{"ids": inputs["input_ids"][0].tolist(), "logits": logits.tolist(), "tokens": out.sequences[0].tolist(),
+print(json.dumps({"ids": inputs["input_ids"][0].tolist(), "logits": logits.tolist(), "tokens": out.sequences[0].tolist(),
                   "cache": type(out.past_key_values).__name__, "module": type(model).__module__,
-                  "mea_hf_loaded": "mea_hf" in sys.modules}}))
+                  "mea_hf_loaded": "mea_hf" in sys.modules}))
 """
+    )
     result = run_without_mea_hf(script)
     assert not result["mea_hf_loaded"] and result["module"].startswith("transformers_modules")
     assert result["ids"] == ids

@@ -8,7 +8,6 @@ import yaml
 from transformers import AutoConfig
 
 import mea_hf  # noqa: F401
-
 from mea_hf.cli import main
 
 
@@ -30,12 +29,18 @@ def test_smoke_quickstart_writes_table_plot_sample_and_cards(smoke_run):
     assert (llama.model_type, mea.model_type) == ("llama", "mea")
     assert (llama.hidden_size, llama.num_hidden_layers) == (mea.hidden_size, mea.num_hidden_layers) == (32, 2)
     assert kv50.component_heads_per_layer == [mea.num_key_value_heads // 2] * mea.num_hidden_layers
-    assert rows["mea-kv50"]["kv_bytes_per_token"] * 2 == rows["mea"]["kv_bytes_per_token"] == rows["llama"]["kv_bytes_per_token"]
+    assert (
+        rows["mea-kv50"]["kv_bytes_per_token"] * 2
+        == rows["mea"]["kv_bytes_per_token"]
+        == rows["llama"]["kv_bytes_per_token"]
+    )
     assert rows["mea-kv50-compressed"]["kv_fraction"] == rows["mea-kv50"]["kv_fraction"] == 0.5
 
     # Recovery continued from the compressed folder with the same tokenizer; both twins share one tokenizer.
     assert results["training"]["mea-kv50"]["model"] == str(out / "mea-kv50-compressed")
-    tokenizers = [(out / path / "tokenizer.json").read_text() for path in ("mea/final", "llama/final", "mea-kv50/final")]
+    tokenizers = [
+        (out / path / "tokenizer.json").read_text() for path in ("mea/final", "llama/final", "mea-kv50/final")
+    ]
     assert tokenizers[0] == tokenizers[1] == tokenizers[2]
 
     for row in rows.values():
@@ -46,7 +51,9 @@ def test_smoke_quickstart_writes_table_plot_sample_and_cards(smoke_run):
     sample = results["sample"]
     assert sample["cache_class"] == "MEACache" and sample["text"].startswith(sample["prompt"])
     assert sample["cached_heads_per_layer"] == kv50.component_heads_per_layer
-    assert sample["cache_bytes"] == 2 * sum(kv50.component_heads_per_layer) * sample["cached_tokens"] * kv50.head_dim * 4
+    assert (
+        sample["cache_bytes"] == 2 * sum(kv50.component_heads_per_layer) * sample["cached_tokens"] * kv50.head_dim * 4
+    )
 
     table = (out / "results.md").read_text()
     assert "| mea-kv50 | " in table and "KV bytes/token" in table and "decode_tokens_per_s" in table
