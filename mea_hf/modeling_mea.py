@@ -53,7 +53,9 @@ def compose_heads(components: torch.Tensor, hlc: torch.Tensor | None) -> torch.T
     if hlc is None:
         return components
     batch, num_components, seq_len, head_dim = components.shape
-    mixed = torch.matmul(hlc.t().to(components.dtype), components.reshape(batch, num_components, seq_len * head_dim))
+    # One (h x h') @ (h' x seq*d) product per sequence, written straight into the output layout (no copies).
+    mixing = hlc.t().to(components.dtype).expand(batch, -1, -1)
+    mixed = torch.bmm(mixing, components.reshape(batch, num_components, seq_len * head_dim))
     return mixed.view(batch, hlc.shape[1], seq_len, head_dim)
 
 
@@ -76,27 +78,33 @@ def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device
 def absorbed_attention(query, key_components, value_components, hlc_k, hlc_v, mask, scaling, kv_groups):
     """Attention over the compressed cache without materialising virtual heads (DESIGN.md §2, "absorb").
 
-    For query head i of KV group g:  logit_i = sum_c W_k[c, g] (q_i . k_c), out_i = sum_c W_v[c, g] (p_i @ v_c).
-    The cache is read once, as h' batched matmuls with the H query heads as rows.
+    For query head i of KV group g:  logit_i = sum_c (W_k[c, g] q_i) . k_c,  out_i = sum_c W_v[c, g] (p_i @ v_c).
+    Each component is read once, by one matmul with all H*T queries as rows, accumulated in place, so nothing
+    bigger than the (H*T, S) scores is ever written.
     Shapes: query (B, H, T, d); components (B, h', S, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
     """
     batch, num_heads, query_len, head_dim = query.shape
-    kv_len = key_components.shape[2]
+    num_components, kv_len = key_components.shape[1:3]
     group = torch.arange(num_heads, device=query.device) // kv_groups
-    w_k = hlc_k[:, group].to(query.dtype)  # (h', H)
-    w_v = hlc_v[:, group].to(query.dtype)
-    # (B, h', H*T, d): query head i scaled by W_k[c, g(i)] for every component c
-    scaled_queries = (query[:, None] * w_k[None, :, :, None, None]).flatten(2, 3)
-    scores = torch.matmul(scaled_queries, key_components.transpose(-1, -2)).sum(1)  # (B, H*T, S)
-    scores = scores.view(batch, num_heads, query_len, kv_len).float() * scaling
+    w_k = (hlc_k[:, group] * scaling).to(query.dtype)[:, None, :, None, None]  # (h', 1, H, 1, 1), scale folded in
+    w_v = hlc_v[:, group].to(query.dtype)[:, None, :, None, None]
+    rows = (batch, num_heads * query_len, head_dim)
+
+    scores = query.new_zeros(batch, num_heads * query_len, kv_len)
+    for c in range(num_components):
+        scores.baddbmm_((query * w_k[c]).reshape(rows), key_components[:, c].transpose(1, 2))
+    scores = scores.view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
         scores = scores + additive
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    per_component = torch.matmul(probs.flatten(1, 2)[:, None], value_components)  # (B, h', H*T, d)
-    per_component = per_component.view(batch, -1, num_heads, query_len, head_dim)
-    output = torch.einsum("bchtd,ch->bthd", per_component, w_v)
-    return output, probs
+
+    flat_probs = probs.view(batch, num_heads * query_len, kv_len)
+    output = sum(
+        torch.bmm(flat_probs, value_components[:, c]).view(batch, num_heads, query_len, head_dim) * w_v[c]
+        for c in range(num_components)
+    )
+    return output.transpose(1, 2), probs
 
 
 class MEAHeadRMSNorm(LlamaRMSNorm):

@@ -56,7 +56,11 @@ def parse_args(argv=None):
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel of every model")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads per process (default 1: on a shared machine, multi-threaded ops wait for descheduled "
+        "OpenMP threads, and the timing measures the scheduler rather than the model)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-row", choices=list(ROWS), help=argparse.SUPPRESS)  # internal: one subprocess row
     parser.add_argument("--memory-context", type=int, help=argparse.SUPPRESS)
@@ -64,8 +68,8 @@ def parse_args(argv=None):
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads or args.kv_heads < 2 or args.kv_heads % 2:
         raise ValueError(f"--kv-heads must be even, >= 2 and divide --heads ({args.heads}), got {args.kv_heads}.")
-    if min(args.contexts) < 1 or args.new_tokens < 1 or args.repeats < 1:
-        raise ValueError("--contexts, --new-tokens and --repeats must be positive.")
+    if min(args.contexts) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.threads < 1:
+        raise ValueError("--contexts, --new-tokens, --repeats and --threads must be positive.")
     return args
 
 
@@ -188,8 +192,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.memory_row:
         print(json.dumps(measure_memory(args.memory_row, args.memory_context, args)))
         return 0
