@@ -10,8 +10,8 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from conftest import perturb_, tiny_mea_config
-from transformers import DynamicCache, TextStreamer, pipeline
+from conftest import TINY_DIMS, perturb_, tiny_mea_config
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, TextStreamer, pipeline
 
 from mea_hf import modeling_mea
 from mea_hf.cache_mea import MEACache, MEAStaticCache
@@ -126,7 +126,10 @@ def test_beam_search(shape, path):
 @pytest.mark.parametrize("shape, path", CASES)
 def test_assisted_decoding_with_draft_model(shape, path, monkeypatch):
     model = make_model(shape, path)
-    draft = make_model(shape, path, seed=5, num_hidden_layers=1, num_component_heads=1)
+    if path == "absorb":  # a smaller MEA draft (with its own compressed cache)
+        draft = make_model(shape, path, seed=5, num_hidden_layers=1, num_component_heads=1)
+    else:  # any model with the same vocabulary: a one-layer Llama
+        draft = LlamaForCausalLM(LlamaConfig(**{**TINY_DIMS, "num_hidden_layers": 1})).eval()
     crops = []
     original_crop = MEACache.crop
     monkeypatch.setattr(MEACache, "crop", lambda cache, n: crops.append(n) or original_crop(cache, n))
