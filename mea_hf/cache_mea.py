@@ -2,7 +2,9 @@
 
 MEA attention hands the cache its component keys and values, so any transformers cache would store them. The
 classes here add what a plain cache cannot know: how many component heads each layer has. Feeding a layer the
-wrong head count (a cache filled by another model or config) raises a clear error instead of attending wrongly.
+wrong head count raises a clear error instead of attending wrongly, and `claim_cache` (called by `MEAModel` on every
+forward) refuses a cache built for another config or already filled by another model (e.g. Llama, whose cache has
+the same shape whenever h' = h).
 
 Why the model picks its cache itself (`MEAForCausalLM._prepare_cache_for_generation`) rather than registering a
 custom `layer_types` entry: a custom layer type is rejected by config validation on save in transformers 5.x, and
