@@ -235,6 +235,7 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     "step" (after each optimizer step), "checkpoint_saving" (state written, not yet renamed) and "end" (model).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
@@ -245,6 +246,10 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
 
     s = resolve_settings(settings)
     out = Path(s["out"])
+    # accelerate keeps one process-wide AcceleratorState; forget the previous job's (mixed precision, accumulation)
+    # so that several jobs can run in one Python process. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision="bf16" if s["bf16"] else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=s["grad_accum"], sync_with_dataloader=False),
@@ -277,7 +282,7 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
                          f"one batch ({s['batch_size']} x {world} processes); lower batch_size or block_size.")  # fmt: skip
     model = load_initial_model(s, tokenizer)
     if s["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(
         parameter_groups(model, s["weight_decay"]), lr=s["lr"], betas=(s["adam_beta1"], s["adam_beta2"]),
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters; much faster on CPU

@@ -30,7 +30,7 @@ def make_trainer(name: str, device: torch.device, bf16: bool, gradient_checkpoin
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(name, use_cache=False), dtype=torch.float32).to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=device.type in ("cpu", "cuda"))
 

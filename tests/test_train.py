@@ -186,3 +186,18 @@ def test_sweep_lr_table_plot_divergence_and_resume(data_dir, tmp_path, capsys):
     assert (out / "loss_vs_lr.png").stat().st_size > 1000
     assert cli_main([*common, "--lrs", "1e-3", "--max-steps", "4"]) == 2
     assert "made with other settings" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_matches_and_bf16_stays_close(small_data, tmp_path):
+    base = _settings(small_data, tmp_path / "fp32", max_steps=2, warmup_steps=1, save_every=100, eval_every=100)
+    plain = read_metrics(train(base)["out_dir"])
+    flags = []
+    on_end = lambda event, model=None, **info: flags.append(model.is_activation_checkpointing) if event == "end" else None  # noqa: E731
+    settings = {**base, "out": str(tmp_path / "gc"), "gradient_checkpointing": True}
+    checkpointed = read_metrics(train(settings, on_event=on_end)["out_dir"])
+    assert flags == [True]
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+    bf16 = read_metrics(train({**base, "out": str(tmp_path / "bf16"), "bf16": True})["out_dir"])
+    assert [r["step"] for r in bf16] == [r["step"] for r in plain]
+    assert bf16[1]["loss"] == pytest.approx(plain[1]["loss"], rel=0.02) and bf16[1]["loss"] != plain[1]["loss"]
