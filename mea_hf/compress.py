@@ -8,11 +8,15 @@ a constant input 1). Keeping h' < h component heads means writing M ~= A' HLC' w
 
 - `method="svd"` (the paper): SVD over the head axis, M = U S V^T; A' = U_h' (new component projections, bias
   included), HLC' = S_h' V_h'^T. Data-free; the error ||M - A' HLC'||_F is sqrt(sum of the discarded s^2).
-- `method="calib"` (ours): minimise the error of the keys/values the model actually produces on calibration text.
-  With G = sum over blocks, tokens and channels of K K^T (h x h, float64) and E its top-h' eigenvectors, the best
-  rank-h' reconstruction in head space is K E E^T, i.e. A' = M E, HLC' = E^T. The SVD result is also a rank-h'
-  projection of the same keys, so calib is never worse than svd on this objective. Layers are processed in order,
-  each on the hidden states of the already-compressed layers before it, so only one layer's activations are held.
+- `method="calib"` (ours): make the layer's attention output on real calibration text match the original's.
+  1. Start: the best, by that output error, of the svd solution and the PCA of the keys/values the model actually
+     produces (G = sum over blocks, tokens and channels of K K^T, h x h, float64; E its top-h' eigenvectors;
+     A' = M E, HLC' = E^T: the rank-h' head mixing that best reconstructs the real keys/values).
+  2. Refine: `calib_steps` full-batch Adam steps on the new k/v projections and HLC matrices, minimising the mean
+     squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
+     layer on the same inputs; the best step is kept. So calib is never worse than svd on this objective.
+  Layers are processed in order, each on the hidden states of the already-compressed layers before it, so only
+  one layer's activations are held (7B-size models fit in modest memory; the refinement wants a GPU there).
 
 Exact and approximate:
 - h' = h reproduces the model exactly with both methods (orthogonal change of component basis); so does any h'
@@ -20,10 +24,10 @@ Exact and approximate:
 - Values are always linear, so everything above holds for V.
 - `qk_norm` (Qwen3-style RMSNorm on each component key before RoPE) is not linear: mixing normalised components is
   not normalising mixed keys. `svd` refuses to compress keys of such a model (its weight-space error bound would be
-  meaningless). `calib` approximates: it builds each new component from the top eigen-directions of the real
-  (normalised) virtual keys, divides each old component's projection by its mean RMS so the new pre-norm projection
-  mirrors the normalised mix, then fits HLC' by least squares on the calibration keys. Layers left at h' = h are not
-  touched, so they stay exact.
+  meaningless). `calib` approximates: its start builds each new component from the top eigen-directions of the
+  real (normalised) virtual keys, divides each old component's projection by its mean RMS so the new pre-norm
+  projection mirrors the normalised mix, and fits HLC' by least squares on the calibration keys; the refinement
+  then works on the true (normalised) model. Layers left at h' = h are not touched, so they stay exact.
 """
 
 import torch
@@ -32,6 +36,8 @@ from transformers.masking_utils import create_causal_mask
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
+CALIB_STEPS = 100
+CALIB_LR = 0.02  # Adam step size, as a fraction of each refined tensor's RMS
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -258,24 +264,89 @@ def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     return blocks.long()
 
 
-def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor) -> None:
-    """Layer by layer: statistics on the hidden states produced by the already-compressed earlier layers."""
+def _attention_output(attn, normed: torch.Tensor, extras: dict) -> torch.Tensor:
+    """The attention sub-layer output (before the residual add) for normed hidden states."""
+    return attn(normed, position_embeddings=extras["position_embeddings"], attention_mask=extras["attention_mask"])[0]
+
+
+def attention_output_error(attn, inputs, targets) -> float:
+    """Sum of squared differences between `attn`'s outputs on `inputs` [(normed, extras)] and `targets`."""
+    return sum(
+        (_attention_output(attn, normed, extras).double() - target.double()).pow(2).sum().item()
+        for (normed, extras), target in zip(inputs, targets, strict=True)
+    )
+
+
+def _kv_tensors(attn) -> list[nn.Parameter]:
+    return [tensor for proj in (attn.k_proj, attn.v_proj) for tensor in proj.parameters()] + [attn.hlc_k, attn.hlc_v]
+
+
+def _pca_start(attn, heads: int, inputs) -> None:
+    """Install the PCA-of-real-keys/values start (qk_norm keys: normalised mix + least-squares HLC)."""
+    stats = _LayerStats(attn)
+    for normed, _ in inputs:
+        stats.add(normed)
+    key_targets = [virtual_keys_values(attn, normed)[0] for normed, _ in inputs] if attn.config.qk_norm else None
+    _compress_layer_calib(attn, heads, stats)
+    if attn.config.qk_norm:
+        fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
+
+
+def _refine(attn, inputs, targets, steps: int) -> None:
+    """Adam on the k/v projections and HLC matrices against the original attention output; keeps the best step."""
+    tensors = _kv_tensors(attn)
+    frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    groups = [{"params": [t], "lr": CALIB_LR * t.detach().float().pow(2).mean().sqrt().item()} for t in tensors]
+    optimizer = torch.optim.Adam(groups)
+    best_error, best = float("inf"), None
+    with torch.enable_grad():
+        for _ in range(steps + 1):  # the last pass only measures the last update
+            optimizer.zero_grad()
+            error = 0.0
+            for (normed, extras), target in zip(inputs, targets, strict=True):
+                batch_error = (_attention_output(attn, normed, extras).float() - target.float()).pow(2).sum()
+                batch_error.backward()
+                error += batch_error.item()
+            if error < best_error:
+                best_error, best = error, [t.detach().clone() for t in tensors]
+            optimizer.step()
+    with torch.no_grad():
+        for tensor, value in zip(tensors, best, strict=True):
+            tensor.copy_(value)
+            tensor.grad = None
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+
+
+def _calibrate_layer(layer, heads: int, batches, steps: int) -> None:
+    """Compress one layer by calibration (module docstring): best start of svd and PCA, then refinement."""
+    attn = layer.self_attn
+    inputs = [(layer.input_layernorm(hidden), extras) for hidden, extras in batches]
+    targets = [_attention_output(attn, normed, extras) for normed, extras in inputs]
+    original = {name: getattr(attn, name) for name in ("k_proj", "v_proj", "hlc_k", "hlc_v")}
+    _pca_start(attn, heads, inputs)
+    if not attn.config.qk_norm:
+        pca = {name: getattr(attn, name) for name in original}
+        pca_error = attention_output_error(attn, inputs, targets)
+        for name, module in original.items():
+            setattr(attn, name, module)
+        _compress_layer_svd(attn, heads)
+        if pca_error < attention_output_error(attn, inputs, targets):
+            for name, module in pca.items():
+                setattr(attn, name, module)
+    if steps > 0:
+        _refine(attn, inputs, targets, steps)
+
+
+def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int) -> None:
+    """Layer by layer, on the hidden states produced by the already-compressed earlier layers."""
     batches = list(_layer_inputs(model, blocks))
     for index, layer in enumerate(model.model.layers[: max(targets) + 1]):
-        attn = layer.self_attn
-        if index in targets and targets[index] < attn.num_component_heads:
-            stats = _LayerStats(attn)
-            targets_k = []
-            for hidden, extras in batches:
-                normed = layer.input_layernorm(hidden)
-                stats.add(normed)
-                if attn.config.qk_norm:
-                    targets_k.append((normed, virtual_keys_values(attn, normed)[0]))
-            _compress_layer_calib(attn, targets[index], stats)
-            if attn.config.qk_norm:
-                fit_key_hlc(attn, targets_k)
+        if index in targets and targets[index] < layer.self_attn.num_component_heads:
+            _calibrate_layer(layer, targets[index], batches, steps)
             _set_heads(model, index, targets[index])
-            del stats, targets_k
         batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
 
 
@@ -287,12 +358,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 
 
 @torch.no_grad()
-def reduce_kv_heads(model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None):
+def reduce_kv_heads(
+    model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS
+):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
-    `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids). Layers not named keep their heads and weights;
+    `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
+    layer). Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
@@ -304,6 +378,8 @@ def reduce_kv_heads(model, num_component_heads, layers=None, method: str = "svd"
     targets = _targets(model.config, num_component_heads, layers)
     if method == "calib":
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
+        if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 0:
+            raise ValueError(f"calib_steps must be a non-negative integer, got {calib_steps!r}.")
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
     was_training = model.training
@@ -314,7 +390,7 @@ def reduce_kv_heads(model, num_component_heads, layers=None, method: str = "svd"
             _compress_layer_svd(model.model.layers[index].self_attn, heads)
             _set_heads(model, index, heads)
     else:
-        _compress_calib(model, targets, calib_blocks)
+        _compress_calib(model, targets, calib_blocks, calib_steps)
     model.train(was_training)
     return model
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from .compress import METHODS, parse_layers, reduce_kv_heads
+from .compress import CALIB_STEPS, METHODS, parse_layers, reduce_kv_heads
 from .convert import SUPPORTED_MODEL_TYPES
 
 DEFAULT_CALIB_BLOCKS = 16
@@ -26,6 +26,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
     parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="calibration blocks (calib)")
+    parser.add_argument(
+        "--calib-steps", type=int, default=CALIB_STEPS, help="refinement steps per layer (calib; 0: best start only)"
+    )
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -146,7 +149,9 @@ def run(args) -> int:
         calib_blocks = token_blocks(
             tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
         )
-    reduce_kv_heads(model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks)
+    reduce_kv_heads(
+        model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps
+    )
     source_name = Path(args.model).resolve().name
     card = {"how_made": describe(source_name, args.method, kv_heads, layers, model.config), "base_model": source_name}
     save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate")
     parser.add_argument("--recovery-fraction", type=float, default=0.05, help="recovery tokens / pretraining tokens")
-    parser.add_argument("--recovery-lr", type=float, default=5e-4)
+    parser.add_argument("--recovery-lr", type=float, help="peak recovery LR (default: where pretraining ended, lr/10)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-blocks", type=int, default=32, help="validation blocks every loss is measured on")
@@ -121,6 +121,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.recovery_lr = args.recovery_lr or args.lr / 10
     transformers_logging.disable_progress_bar()  # one bar for the whole benchmark
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

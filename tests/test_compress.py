@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import TINY_DIMS, perturb_, tiny_mea_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import create_causal_mask
 
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
-from mea_hf.compress import effective_projection, reduce_kv_heads, virtual_keys_values
+from mea_hf.compress import attention_output_error, effective_projection, reduce_kv_heads, virtual_keys_values
 from mea_hf.convert import from_llama
 from mea_hf.hub import save_folder
 from mea_hf.sensitivity import kv_fraction_after, suggest_layers
@@ -37,15 +38,34 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
 
-def kv_objective(reference, compressed, layer: int, blocks) -> float:
-    """Sum of squared errors of layer `layer`'s virtual keys and values (the calibration objective), on the hidden
-    states the reference model feeds that layer (identical for both when earlier layers are untouched)."""
+def layer_inputs(reference, layer: int, blocks):
+    """The normed hidden states (with RoPE and mask) that the reference model feeds layer `layer`."""
     with torch.no_grad():
         hidden = reference(blocks, output_hidden_states=True).hidden_states[layer]
-        normed = reference.model.layers[layer].input_layernorm(hidden)
+        positions = torch.arange(blocks.shape[1])[None]
+        extras = {
+            "position_embeddings": reference.model.rotary_emb(hidden, position_ids=positions),
+            "attention_mask": create_causal_mask(reference.config, hidden, None, None, position_ids=positions),
+        }
+        return reference.model.layers[layer].input_layernorm(hidden), extras
+
+
+def kv_objective(reference, compressed, layer: int, blocks) -> float:
+    """Sum of squared errors of layer `layer`'s virtual keys and values, on the hidden states the reference model
+    feeds that layer (identical for both when earlier layers are untouched)."""
+    normed, _ = layer_inputs(reference, layer, blocks)
+    with torch.no_grad():
         ref_k, ref_v = virtual_keys_values(reference.model.layers[layer].self_attn, normed)
         new_k, new_v = virtual_keys_values(compressed.model.layers[layer].self_attn, normed)
     return ((ref_k.double() - new_k.double()).pow(2).sum() + (ref_v.double() - new_v.double()).pow(2).sum()).item()
+
+
+def output_objective(reference, compressed, layer: int, blocks) -> float:
+    """What calib minimises: squared error of layer `layer`'s attention output against the reference's."""
+    normed, extras = layer_inputs(reference, layer, blocks)
+    with torch.no_grad():
+        target = reference.model.layers[layer].self_attn(normed, **extras)[0]
+        return attention_output_error(compressed.model.layers[layer].self_attn, [(normed, extras)], [target])
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}, {"hlc_keys": False, "hlc_values": False}])
@@ -85,9 +105,12 @@ def test_calib_beats_svd_on_the_calibration_objective(heads):
     model = make_model(attention_bias=True)
     blocks = random_blocks()
     by_svd = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="svd")
+    start = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
     by_calib = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="calib", calib_blocks=blocks)
-    svd_error, calib_error = kv_objective(model, by_svd, 1, blocks), kv_objective(model, by_calib, 1, blocks)
-    assert 0 < calib_error <= svd_error * (1 + 1e-9)
+    svd_error = output_objective(model, by_svd, 1, blocks)
+    start_error = output_objective(model, start, 1, blocks)
+    calib_error = output_objective(model, by_calib, 1, blocks)
+    assert 0 < calib_error < start_error <= svd_error * (1 + 1e-9)
 
 
 def test_calib_all_layers_runs_layer_by_layer_and_is_exact_at_full_rank():
@@ -97,9 +120,10 @@ def test_calib_all_layers_runs_layer_by_layer_and_is_exact_at_full_rank():
     assert (logits(full, blocks) - logits(model, blocks)).abs().max().item() < 1e-5
     half = reduce_kv_heads(copy.deepcopy(model), 2, method="calib", calib_blocks=blocks)
     assert half.config.num_component_heads == 2
-    # the first layer sees the original inputs, so calib is optimal there against svd too
+    assert all(parameter.grad is None and parameter.requires_grad for parameter in half.parameters())
+    # the first layer sees the original inputs, so calib's objective there compares directly with svd's
     by_svd = reduce_kv_heads(copy.deepcopy(model), 2, method="svd")
-    assert kv_objective(model, half, 0, blocks) <= kv_objective(model, by_svd, 0, blocks)
+    assert output_objective(model, half, 0, blocks) < output_objective(model, by_svd, 0, blocks)
 
 
 def test_qk_norm_svd_refuses_and_calib_fits_hlc_by_least_squares():
@@ -112,16 +136,18 @@ def test_qk_norm_svd_refuses_and_calib_fits_hlc_by_least_squares():
     unchanged = reduce_kv_heads(copy.deepcopy(model), 4, method="svd")  # h' = h: nothing to approximate
     assert (logits(unchanged, blocks) - logits(model, blocks)).abs().max().item() < 1e-5
 
-    compressed = reduce_kv_heads(copy.deepcopy(model), 2, layers=[0], method="calib", calib_blocks=blocks)
-    fitted = kv_objective(model, compressed, 0, blocks)
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[0], method="calib", calib_blocks=blocks, calib_steps=0)
+    fitted = kv_objective(model, start, 0, blocks)
     assert fitted > 0  # approximate: mixing normalised components is not normalising mixed keys
-    hlc = compressed.model.layers[0].self_attn.hlc_k
+    hlc = start.model.layers[0].self_attn.hlc_k
     generator = torch.Generator().manual_seed(3)
-    for _ in range(3):  # the fitted HLC is a least-squares optimum: any perturbation increases the key error
-        nudged = copy.deepcopy(compressed)
+    for _ in range(3):  # the start's HLC is a least-squares optimum: any perturbation increases the key error
+        nudged = copy.deepcopy(start)
         with torch.no_grad():
             nudged.model.layers[0].self_attn.hlc_k.copy_(hlc + 1e-2 * torch.randn(hlc.shape, generator=generator))
         assert kv_objective(model, nudged, 0, blocks) > fitted
+    refined = reduce_kv_heads(copy.deepcopy(model), 2, layers=[0], method="calib", calib_blocks=blocks)
+    assert output_objective(model, refined, 0, blocks) < output_objective(model, start, 0, blocks)
 
 
 def test_bad_arguments_raise_before_any_change():
@@ -139,6 +165,8 @@ def test_bad_arguments_raise_before_any_change():
         reduce_kv_heads(model, 2, method="calib", calib_blocks=torch.empty(0, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="method"):
         reduce_kv_heads(model, 2, method="pca")
+    with pytest.raises(ValueError, match="calib_steps"):
+        reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_steps=-1)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
