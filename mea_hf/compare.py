@@ -32,9 +32,21 @@ def folder_memory_row(folder: str | os.PathLike) -> dict:
     }
 
 
+def short_names(folders) -> list[str]:
+    """The shortest trailing parts of each path that tell the folders apart ("mea/final", "llama/final")."""
+    parts = [Path(folder).resolve().parts for folder in folders]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(folder) for folder in folders]
+
+
 def compare_folders(folders, tasks=OFFLINE_TASKS, limit=None, **eval_options) -> list[dict]:
     """One row per folder: `folder_memory_row` plus "results" ({task: {metric: value}}) from `evaluate_folder`."""
     rows = [folder_memory_row(folder) for folder in folders]  # check every folder before the slow part
+    for row, name in zip(rows, short_names(folders)):
+        row["model"] = name
     for row in rows:
         row["results"] = evaluate_folder(row["folder"], tasks, limit, **eval_options)
     return rows

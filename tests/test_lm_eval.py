@@ -208,6 +208,13 @@ def test_mea_compare_writes_markdown_and_json_with_kv_bytes(folders, tmp_path):
     assert table[2].startswith("| llama | 256 | 100% |") and table[3].startswith("| mea | 128 | 50% |")
 
 
+def test_compare_names_rows_by_the_shortest_distinct_path_suffix():
+    from mea_hf.compare import short_names
+
+    assert short_names(["runs/q/llama/final", "runs/q/mea/final"]) == ["llama/final", "mea/final"]
+    assert short_names(["runs/q/llama", "other/mea"]) == ["llama", "mea"]
+
+
 def test_bad_input_gets_clear_errors(folders, tmp_path, capsys):
     from mea_hf.cli import main
     from mea_hf.evaluate import evaluate_folder
