@@ -86,7 +86,7 @@ def render_model_card(
         hlc=f"keys={getattr(config, 'hlc_keys', False)}, values={getattr(config, 'hlc_values', False)}",
         kv_decode=getattr(config, "kv_decode", "n/a"),
         how_made=how_made,
-        base_model=base_model or "none (trained from scratch)",
+        base_model=base_model or "none given (see how it was made)",
         results=_results_table(results),
     )
     return _front_matter(base_model, tags, license_name) + "\n\n" + body

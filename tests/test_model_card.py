@@ -53,7 +53,7 @@ def test_compressed_mea_card_has_hub_metadata_settings_and_results():
     assert meta["pipeline_tag"] == "text-generation"
     assert meta["license"] == "apache-2.0"
     assert {"mea-hf", "mea", "text-generation", "kv-cache-compression"} <= set(meta["tags"])
-    assert "base_model" not in meta  # trained from scratch
+    assert "base_model" not in meta and "Base model: none given" in card  # no base model was named
     # 2 layers, 2 KV heads, head_dim 16: (1 + 2) cached heads x 16 x 2 (K, V) x 2 bytes = 192 of 256 bytes
     assert "| cached component heads per layer (h') | 1, 2 |" in card
     assert "| KV cache vs the uncompressed model | 75.0% (192 vs 256 bytes per token in fp16) |" in card
