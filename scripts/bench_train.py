@@ -60,9 +60,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (CPU device: less disturbed by other processes "
+                             "on a shared machine; use with --threads 1)")  # fmt: skip
     parser.add_argument("--out", default="runs/bench_train")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu measures CPU time and only makes sense with --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     names = {variant: f"{args.size}-{variant}" for variant in VARIANTS}
     trainers = {v: make_trainer(n, device, args.bf16, args.gradient_checkpointing) for v, n in names.items()}
     vocab = trainers["llama"][0].config.vocab_size
@@ -78,15 +87,16 @@ def main(argv=None) -> dict:
             step = trainers[variant][1]
             for _ in range(args.steps):
                 _synchronize(device)
-                started = time.perf_counter()
+                started = clock()
                 step(batch)
                 _synchronize(device)
-                rates[variant].append(tokens / (time.perf_counter() - started))
+                rates[variant].append(tokens / (clock() - started))
     median = {v: statistics.median(r) for v, r in rates.items()}
     best = {v: max(r) for v, r in rates.items()}  # least disturbed step: robust on a shared machine
     result = {
         "command_args": vars(args),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "clock": args.clock,
         "parameters": {v: sum(p.numel() for p in trainers[v][0].parameters()) for v in VARIANTS},
         "tokens_per_second_per_step": rates,
         "median_tokens_per_second": median,
