@@ -47,10 +47,14 @@ def _looks_like_path(source: str) -> bool:
 def _data_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data {source!r} does not exist (expected 'builtin', a .txt/.jsonl file or folder, or a dataset name).")
+        raise FileNotFoundError(
+            f"data {source!r} does not exist (expected 'builtin', a .txt/.jsonl file or folder, or a dataset name)."
+        )
     if path.is_file():
         if not path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
-            raise ValueError(f"data file {path} has an unsupported extension; use {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}.")
+            raise ValueError(
+                f"data file {path} has an unsupported extension; use {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}."
+            )
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
     if not files:
@@ -189,7 +193,9 @@ def cached_blocks(tokenizer, source, split: str, block_size: int, cache_dir=None
     except ValueError as error:
         if "fewer than one block" not in str(error):
             raise
-        raise ValueError(f"the {split} split of data {source or 'builtin'!r}: {error} Use a smaller block_size or more data.") from None
+        raise ValueError(
+            f"the {split} split of data {source or 'builtin'!r}: {error} Use a smaller block_size or more data."
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)

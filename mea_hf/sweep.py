@@ -24,6 +24,7 @@ SWEEP_DEFAULTS = {
     "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 200, "warmup_steps": 20, "eval_every": 40,
     "eval_blocks": 32, "save_every": 100, "keep_checkpoints": 1, "progress": False,
 }  # fmt: skip
+_RESULT_FLOATS = ("final_val_loss", "best_val_loss", "initial_val_loss", "tokens_per_second")
 _PER_RUN_KEYS = ("model", "lr", "out", "resume", "init_from", "tokenizer")
 
 
@@ -107,14 +108,25 @@ def sweep(base: dict, out, size: str = "tiny", variants=VARIANTS, lrs=LEARNING_R
     tokenizer = _sweep_tokenizer(base, out)
     done = {(r["variant"], r["lr"]) for r in results["runs"]}
     pairs = [(v, lr) for v in variants for lr in lrs]
-    for variant, lr in tqdm([p for p in pairs if p not in done], desc="sweep-lr", initial=len(done & set(pairs)), total=len(pairs)):
+    for variant, lr in tqdm(
+        [p for p in pairs if p not in done], desc="sweep-lr", initial=len(done & set(pairs)), total=len(pairs)
+    ):
         run_out = out / "runs" / run_name(variant, lr)
         if run_out.exists() and not checkpoint_dirs(run_out):
             shutil.rmtree(run_out)  # stopped before its first checkpoint: start it again
-        summary = train({**base, "model": f"{size}-{variant}", "lr": lr, "tokenizer": tokenizer, "out": str(run_out), "resume": True})
+        summary = train(
+            {
+                **base,
+                "model": f"{size}-{variant}",
+                "lr": lr,
+                "tokenizer": tokenizer,
+                "out": str(run_out),
+                "resume": True,
+            }
+        )
         results["runs"].append({
             "variant": variant, "lr": lr,
-            **{k: _finite_or_none(summary[k]) for k in ("final_val_loss", "best_val_loss", "initial_val_loss", "tokens_per_second")},
+            **{k: _finite_or_none(summary[k]) for k in _RESULT_FLOATS},
             "diverged": summary["diverged"], "tokens_seen": summary["tokens_seen"], "steps": summary["steps"],
         })  # fmt: skip
         atomic_write_json(results_path, results)
@@ -134,8 +146,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
-    parser.add_argument("--size", default="tiny", help="model size: configs/models/<size>-<variant>.json (default tiny)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})")
+    parser.add_argument(
+        "--size", default="tiny", help="model size: configs/models/<size>-<variant>.json (default tiny)"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})"
+    )
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="comma-separated peak LRs")
     add_setting_arguments(parser, exclude=_PER_RUN_KEYS, shown_defaults=SWEEP_DEFAULTS)
 

@@ -31,8 +31,8 @@ from .train_settings import add_setting_arguments, resolve_settings, settings_fr
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
 # Parameters that get no weight decay: every vector (biases), every norm scale (the per-head norm's is a matrix), the
-# token embeddings (tied to the LM head in all configs here) and the HLC matrices, which start at the identity: decay would pull them towards zero, i.e.
-# towards silencing heads, not towards standard attention.
+# token embeddings (tied to the LM head in all configs here) and the HLC matrices, which start at the identity: decay
+# would pull them towards zero, i.e. towards silencing heads, not towards standard attention.
 _NO_DECAY_NAMES = ("norm", "embed_tokens", "hlc_k", "hlc_v")
 
 
@@ -78,7 +78,9 @@ def build_model(model: str, tokenizer, block_size: int):
         use_cache=False,
     )
     if block_size > config.max_position_embeddings:
-        raise ValueError(f"block_size {block_size} exceeds max_position_embeddings {config.max_position_embeddings} of {model}.")
+        raise ValueError(
+            f"block_size {block_size} exceeds max_position_embeddings {config.max_position_embeddings} of {model}."
+        )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
@@ -105,7 +107,9 @@ def load_initial_model(settings: dict, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(settings["init_from"], dtype=torch.float32)
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {settings['init_from']} has vocab_size {model.config.vocab_size}.")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but {settings['init_from']} has vocab_size {model.config.vocab_size}."
+        )
     model.config.use_cache = False
     return model
 
@@ -265,7 +269,9 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
 
     checkpoint = checkpoint_dirs(out)[-1] if s["resume"] and checkpoint_dirs(out) else None
     if checkpoint is None and ((out / "metrics.jsonl").exists() or (out / "final").exists()):
-        raise FileExistsError(f"output folder {out} already holds a run; pass resume to continue it or choose another out.")
+        raise FileExistsError(
+            f"output folder {out} already holds a run; pass resume to continue it or choose another out."
+        )
     accelerator.wait_for_everyone()
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +282,9 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(s)
         train_blocks = cached_blocks(tokenizer, s["data"], "train", s["block_size"], s["cache_dir"])
-        val_blocks = cached_blocks(tokenizer, s["data"], "validation", s["block_size"], s["cache_dir"])[: s["eval_blocks"]]
+        val_blocks = cached_blocks(tokenizer, s["data"], "validation", s["block_size"], s["cache_dir"])[
+            : s["eval_blocks"]
+        ]
     if len(train_blocks) < s["batch_size"] * world:
         raise ValueError(f"the training data has {len(train_blocks)} blocks of {s['block_size']} tokens, fewer than "
                          f"one batch ({s['batch_size']} x {world} processes); lower batch_size or block_size.")  # fmt: skip
@@ -284,7 +292,9 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     if s["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, s["weight_decay"]), lr=s["lr"], betas=(s["adam_beta1"], s["adam_beta2"]),
+        parameter_groups(model, s["weight_decay"]),
+        lr=s["lr"],
+        betas=(s["adam_beta1"], s["adam_beta2"]),
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters; much faster on CPU
     )
     multiplier = lr_multiplier(s["schedule"], s["warmup_steps"], s["max_steps"], s["min_lr_ratio"], s["decay_fraction"])
@@ -309,7 +319,9 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
         state["initial_val_loss"] = evaluate(0)
     val_loss, diverged = None, False
     batches = _micro_batches(accelerator, loader, state["step"] * s["grad_accum"])
-    progress = tqdm(total=s["max_steps"], initial=state["step"], disable=not (main and s["progress"]), desc=f"train {out.name}")
+    progress = tqdm(
+        total=s["max_steps"], initial=state["step"], disable=not (main and s["progress"]), desc=f"train {out.name}"
+    )
     model.train()
     while state["step"] < s["max_steps"]:
         started, losses, grad_norm = time.perf_counter(), [], None
@@ -371,7 +383,10 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
         card = {"how_made": _how_made(s, state["tokens_seen"], world), "results": results}
         save_folder(final_model, out / "final", tokenizer=tokenizer, card=card, overwrite=True)
         plot_loss_curve(out)
-        atomic_write_json(out / "summary.json", {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()})
+        atomic_write_json(
+            out / "summary.json",
+            {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()},
+        )
     accelerator.wait_for_everyone()
     return summary
 

@@ -60,7 +60,9 @@ def load_config_file(path) -> dict:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"training config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+        raise ValueError(
+            f"training config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"training config {path} must hold a mapping of settings, got {type(data).__name__}.")
     return data

@@ -1,15 +1,15 @@
 """Training throughput, MEA vs the Llama baseline of the same size, measured in one run (interleaved rounds).
 
-Each round times `--steps` full optimizer steps (forward, backward, clipping, fused AdamW) of both models on the same
+Each round times `--steps` full optimizer steps, one by one, (forward, backward, clipping, fused AdamW) of both models on the same
 random token blocks, alternating which model goes first. Reports tokens/s per model (median and best step) and the
-MEA / Llama ratios (target >= 0.95); on a shared machine the best-step ratio is the less disturbed one. Writes JSON and a PNG, prints a Markdown table.
+MEA / Llama ratios (target >= 0.95). On a shared machine wall time mostly measures the neighbours: use
+`--clock cpu --threads 1` there. Writes JSON and a PNG, prints a Markdown table.
 
     python scripts/bench_train.py                       # tiny, CPU, a couple of minutes
     python scripts/bench_train.py --size 125m --block-size 1024 --batch-size 8 --bf16   # on a GPU
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -95,7 +95,9 @@ def main(argv=None) -> dict:
     best = {v: max(r) for v, r in rates.items()}  # least disturbed step: robust on a shared machine
     result = {
         "command_args": vars(args),
-        "device": f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": f"cpu ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device),
         "clock": args.clock,
         "parameters": {v: sum(p.numel() for p in trainers[v][0].parameters()) for v in VARIANTS},
         "tokens_per_second_per_step": rates,

@@ -1,5 +1,6 @@
 """Pretrain an MEA or Llama model: same as `mea train` (works under `accelerate launch` / `torchrun`).
 
+Examples:
     python scripts/pretrain.py --config configs/train/tiny-cpu.yaml --out runs/tiny
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/pretrain.py --config configs/train/125m-gpu.yaml
 """

@@ -89,7 +89,9 @@ def test_missing_file_and_empty_folder(tmp_path):
 
 def test_block_larger_than_the_data_is_refused(tmp_path, tokenizer):
     path = _write(tmp_path / "short.txt", "".join(f"x{i}\n" for i in range(40)))
-    with pytest.raises(ValueError, match=r"validation split of data .*short.txt.*fewer than one block of block_size=512"):
+    with pytest.raises(
+        ValueError, match=r"validation split of data .*short.txt.*fewer than one block of block_size=512"
+    ):
         cached_blocks(tokenizer, str(path), "validation", 512, tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.pt"))  # nothing half-written
 

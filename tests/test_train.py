@@ -142,7 +142,9 @@ def test_parameter_groups_skip_norms_embeddings_and_hlc(tokenizer):
 def test_bad_data_and_model_from_the_cli(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\n\xff\xfe\n")
-    assert cli_main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert (
+        cli_main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 2
+    )
     assert f"data file {bad} is not valid UTF-8" in capsys.readouterr().err
     assert cli_main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.txt" in capsys.readouterr().err
@@ -192,7 +194,11 @@ def test_gradient_checkpointing_matches_and_bf16_stays_close(small_data, tmp_pat
     base = _settings(small_data, tmp_path / "fp32", max_steps=2, warmup_steps=1, save_every=100, eval_every=100)
     plain = read_metrics(train(base)["out_dir"])
     flags = []
-    on_end = lambda event, model=None, **info: flags.append(model.is_activation_checkpointing) if event == "end" else None  # noqa: E731
+
+    def on_end(event, model=None, **info):
+        if event == "end":
+            flags.append(model.is_activation_checkpointing)
+
     settings = {**base, "out": str(tmp_path / "gc"), "gradient_checkpointing": True}
     checkpointed = read_metrics(train(settings, on_event=on_end)["out_dir"])
     assert flags == [True]
