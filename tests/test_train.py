@@ -207,3 +207,12 @@ def test_gradient_checkpointing_matches_and_bf16_stays_close(small_data, tmp_pat
     bf16 = read_metrics(train({**base, "out": str(tmp_path / "bf16"), "bf16": True})["out_dir"])
     assert [r["step"] for r in bf16] == [r["step"] for r in plain]
     assert bf16[1]["loss"] == pytest.approx(plain[1]["loss"], rel=0.02) and bf16[1]["loss"] != plain[1]["loss"]
+
+
+def test_init_from_continues_from_a_saved_folder(small_data, tmp_path):
+    first = train(_settings(small_data, tmp_path / "first", max_steps=2, warmup_steps=1, save_every=100))
+    settings = _settings(small_data, tmp_path / "second", max_steps=2, warmup_steps=1, save_every=100)
+    second = train({**settings, "model": None, "init_from": first["final_dir"]})
+    # Same weights, tokenizer and validation blocks: the continued run starts at the first run's final loss.
+    assert second["initial_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-6)
+    assert "from " + first["final_dir"] in (tmp_path / "second" / "run" / "final" / "README.md").read_text()
