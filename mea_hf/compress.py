@@ -243,13 +243,7 @@ def _layer_inputs(model, blocks: torch.Tensor):
         batch = blocks[start : start + CALIB_BATCH].to(device)
         hidden = inner.embed_tokens(batch)
         position_ids = torch.arange(batch.shape[1], device=device)[None]
-        mask = create_causal_mask(
-            config=model.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = create_causal_mask(model.config, hidden, None, None, position_ids=position_ids)
         yield hidden, {"attention_mask": mask, "position_ids": position_ids,
                        "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids)}  # fmt: skip
 
@@ -395,4 +389,12 @@ def reduce_kv_heads(
     return model
 
 
-__all__ = ["METHODS", "effective_projection", "parse_layers", "reduce_kv_heads", "virtual_keys_values"]
+__all__ = [
+    "CALIB_STEPS",
+    "METHODS",
+    "attention_output_error",
+    "effective_projection",
+    "parse_layers",
+    "reduce_kv_heads",
+    "virtual_keys_values",
+]

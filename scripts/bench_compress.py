@@ -4,13 +4,16 @@ right after compression and after the same short recovery run, all against the u
 Steps (each a real `mea_hf` call):
 1. pretrain a small MEA model (h = 4 KV heads, MHA) with the project's recipe (`mea_hf.train.train`) on the built-in
    corpus;
-2. compress it: all layers to h' = 2 by `svd` and by `calib` (50% KV), and the least sensitive half of the layers
-   (`mea_hf.sensitivity`, measured on held-out validation blocks disjoint from the reported ones) to h' = 2 (75% KV);
+2. compress it: all layers to h' = 2 by `svd` and by `calib` (50% KV; calib sees `--calib-blocks` training-split
+   blocks), and the least sensitive half of the layers (`mea_hf.sensitivity` with calib, measured on validation
+   blocks disjoint from the reported ones) to h' = 2 (75% KV);
 3. recover every compressed folder with the same short continued pretraining (`init_from`, `--recovery-fraction` of
    the pretraining tokens), plus the uncompressed model with the same extra training as a control;
 4. report validation loss (mean_token_loss on the same validation blocks everywhere) as JSON, PNG and a Markdown table.
 
-    python scripts/bench_compress.py --out runs/bench_compress
+    OMP_NUM_THREADS=1 python scripts/bench_compress.py --out runs/bench_compress
+
+(one thread per process is faster than two when other jobs share the two cores)
 """
 
 import argparse
