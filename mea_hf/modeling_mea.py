@@ -377,7 +377,7 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Let generate() build its usual cache, then swap it for the MEA cache of the same kind.
 
-        A user-supplied cache is kept as it is (it stores component heads too; mismatches raise in attention)."""
+        A user-supplied cache is kept as it is (it stores component heads too; `claim_cache` refuses a wrong one)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is None or getattr(cache, "_is_user_defined", False):

@@ -11,7 +11,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 from conftest import TINY_DIMS, perturb_, tiny_mea_config
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, TextStreamer, pipeline
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache, TextStreamer, pipeline
 
 from mea_hf import modeling_mea
 from mea_hf.cache_mea import MEACache, MEAStaticCache
@@ -175,6 +175,9 @@ def test_static_cache(shape, path):
     assert_same_generation(cached, run(model, ids, do_sample=False, use_cache=False))
     assert isinstance(cached.past_key_values, MEAStaticCache)
     assert_component_storage(cached.past_key_values, model.config)
+    plain = StaticCache(config=model.config, max_cache_len=ids.shape[1] + NEW_TOKENS)  # a user-built plain one
+    assert_same_generation(run(model, ids, do_sample=False, past_key_values=plain), cached)
+    assert_component_storage(plain, model.config)
 
 
 @pytest.mark.parametrize("shape, path", CASES)
