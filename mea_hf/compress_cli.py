@@ -152,8 +152,11 @@ def run(args) -> int:
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps
     )
-    source_name = Path(args.model).resolve().name
-    card = {"how_made": describe(source_name, args.method, kv_heads, layers, model.config), "base_model": source_name}
+    base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
+    card = {
+        "how_made": describe(str(args.model), args.method, kv_heads, layers, model.config),
+        "base_model": base_model,
+    }
     save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)
     print(f"saved MEA model caching {model.config.component_heads_per_layer} KV heads per layer to {args.out}")
     return 0

@@ -116,6 +116,7 @@ def plot_report(report: dict, path) -> Path:
     figure, axes = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 2), 4))
     colors = ["tab:green" if layer in suggested else "tab:gray" for layer in layers]
     axes.bar(layers, [entry["delta"] for entry in report["layers"]], color=colors)
+    axes.set_xticks(layers)
     axes.set_xlabel("layer compressed alone")
     axes.set_ylabel("validation loss increase (nats/token)")
     axes.set_title(
