@@ -78,7 +78,8 @@ def claim_cache(cache: Cache, config) -> None:
     if any(getattr(layer, "is_initialized", False) for layer in cache.layers):
         raise ValueError(
             f"This {type(cache).__name__} already holds keys/values written by a model that is not this MEA model "
-            "(e.g. a Llama model), which are not component heads. Pass an empty cache or `MEACache(config=model.config)`."
+            "(e.g. a Llama model), which are not component heads. Pass an empty cache or "
+            "`MEACache(config=model.config)`."
         )
     cache.mea_signature = expected
 
@@ -96,7 +97,8 @@ class MEAStaticCache(StaticCache):
     """Pre-allocated cache of component heads, for `cache_implementation="static"` and `torch.compile`d decoding."""
 
     def __init__(self, config, max_cache_len: int, offloading: bool = False, **kwargs):
-        layers = [MEAStaticLayer(heads, config.head_dim, max_cache_len=max_cache_len) for heads in _component_heads(config)]
+        heads_per_layer = _component_heads(config)
+        layers = [MEAStaticLayer(heads, config.head_dim, max_cache_len=max_cache_len) for heads in heads_per_layer]
         Cache.__init__(self, layers=layers, offloading=offloading)
         self.mea_signature = cache_signature(config)
 
