@@ -143,7 +143,9 @@ class MEAAttention(nn.Module):
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.head_norm = (
-            MEAHeadRMSNorm(self.num_heads, self.head_dim, eps=config.rms_norm_eps) if config.head_norm == "rms" else None
+            MEAHeadRMSNorm(self.num_heads, self.head_dim, eps=config.rms_norm_eps)
+            if config.head_norm == "rms"
+            else None
         )
 
     def _use_absorb(self, query_len: int) -> bool:
