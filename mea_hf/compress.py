@@ -93,14 +93,19 @@ def _hlc(attn, name: str) -> torch.Tensor:
     return torch.eye(attn.num_kv_heads, dtype=torch.float64) if hlc is None else hlc.detach().double().cpu()
 
 
-def effective_projection(attn, which: str) -> torch.Tensor:
-    """M: ((D+1)*d, h) float64, column j = [W_j | b_j] of virtual head j of keys ("k") or values ("v")."""
+def _component_rows(attn, which: str) -> torch.Tensor:
+    """(h', d, D+1) float64: [W_c | b_c] of every component head of keys ("k") or values ("v")."""
     proj = attn.k_proj if which == "k" else attn.v_proj
     heads, head_dim = attn.num_component_heads, attn.head_dim
     weight = proj.weight.detach().double().cpu().view(heads, head_dim, -1)
     bias = torch.zeros(heads, head_dim, dtype=torch.float64) if proj.bias is None else proj.bias.detach().double().cpu()
-    augmented = torch.cat([weight, bias.view(heads, head_dim, 1)], dim=2).reshape(heads, -1)  # (h', d*(D+1))
-    return (_hlc(attn, f"hlc_{which}").t() @ augmented).t()
+    return torch.cat([weight, bias.view(heads, head_dim, 1)], dim=2)
+
+
+def effective_projection(attn, which: str) -> torch.Tensor:
+    """M: ((D+1)*d, h) float64, column j = [W_j | b_j] of virtual head j of keys ("k") or values ("v")."""
+    rows = _component_rows(attn, which)
+    return (_hlc(attn, f"hlc_{which}").t() @ rows.reshape(rows.shape[0], -1)).t()
 
 
 def virtual_keys_values(attn, normed_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,16 +212,9 @@ def _compress_layer_calib(attn, heads: int, stats: _LayerStats) -> None:
         return
     # qk_norm: new pre-norm component c' mirrors sum_c (HLC E)[c, c'] n(x W_c) with n(x W_c) ~= x W_c / rms_c.
     rms = (stats.component_sq / stats.count).sqrt().cpu()
-    proj = attn.k_proj
-    weight = proj.weight.detach().double().cpu().view(attn.num_component_heads, attn.head_dim, -1)
-    bias = (
-        proj.bias.detach().double().cpu()
-        if proj.bias is not None
-        else torch.zeros(weight.shape[:2], dtype=torch.float64)
-    )
-    augmented = torch.cat([weight, bias[..., None]], dim=2) / rms[:, None, None]
+    scaled = _component_rows(attn, "k") / rms[:, None, None]
     mix = _hlc(attn, "hlc_k") @ keep_k  # (old h', new h')
-    _set_projection(attn, "k", (mix.t() @ augmented.reshape(len(rms), -1)).t(), keep_k.t())
+    _set_projection(attn, "k", (mix.t() @ scaled.reshape(len(rms), -1)).t(), keep_k.t())
 
 
 def fit_key_hlc(attn, normed_batches) -> None:
@@ -229,7 +227,8 @@ def fit_key_hlc(attn, normed_batches) -> None:
         flat_target = target.double().transpose(-1, -2).reshape(-1, target.shape[-2])
         components_gram = components_gram + flat_components.t() @ flat_components
         cross = cross + flat_components.t() @ flat_target
-    ridge = 1e-10 * components_gram.diagonal().mean() * torch.eye(components_gram.shape[0], dtype=torch.float64)
+    eye = torch.eye(components_gram.shape[0], dtype=torch.float64, device=components_gram.device)
+    ridge = 1e-10 * components_gram.diagonal().mean() * eye
     hlc = torch.linalg.solve(components_gram + ridge, cross)
     with torch.no_grad():
         attn.hlc_k.copy_(hlc.to(attn.hlc_k))
