@@ -204,7 +204,8 @@ class _LayerStats:
             self.count += raw.shape[0] * raw.shape[1]
 
 
-def _compress_layer_calib(attn, heads: int, stats: _LayerStats) -> None:
+def _install_pca(attn, heads: int, stats: _LayerStats) -> None:
+    """A' = M E, HLC' = E^T with E the top-h' eigenvectors of the real keys'/values' head Gram matrices."""
     keep_k, keep_v = top_eigenvectors(stats.gram["k"], heads), top_eigenvectors(stats.gram["v"], heads)
     _set_projection(attn, "v", effective_projection(attn, "v") @ keep_v, keep_v.t())
     if not attn.config.qk_norm:
@@ -218,8 +219,8 @@ def _compress_layer_calib(attn, heads: int, stats: _LayerStats) -> None:
 
 
 def fit_key_hlc(attn, normed_batches) -> None:
-    """Least-squares HLC_k (h', h) so that composing the layer's current component keys best matches `targets`:
-    `normed_batches` yields (normed hidden states, target virtual keys). Used for qk_norm layers."""
+    """Least-squares HLC_k (h', h): composing the layer's current (normalised) component keys best matches the
+    target virtual keys; `normed_batches` yields (normed hidden states, target keys). Used for qk_norm layers."""
     components_gram, cross = 0.0, 0.0
     for normed, target in normed_batches:
         keys = attn.k_norm(attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)).double()
@@ -280,7 +281,7 @@ def _pca_start(attn, heads: int, inputs) -> None:
     for normed, _ in inputs:
         stats.add(normed)
     key_targets = [virtual_keys_values(attn, normed)[0] for normed, _ in inputs] if attn.config.qk_norm else None
-    _compress_layer_calib(attn, heads, stats)
+    _install_pca(attn, heads, stats)
     if attn.config.qk_norm:
         fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
 
