@@ -117,7 +117,13 @@ def _local_splits(source: str) -> dict[str, list[str]]:
 def _dataset_split(name: str, split: str) -> list[str]:
     import datasets
 
-    dataset = datasets.load_dataset(name)
+    try:
+        dataset = datasets.load_dataset(name)
+    except Exception as error:  # offline, unknown name, no access: one clear message
+        raise ValueError(
+            f"data {name!r} is neither 'builtin' nor a local file or folder, and datasets.load_dataset({name!r}) "
+            f"failed: {type(error).__name__}: {error}"
+        ) from None
     if "validation" not in dataset:
         dataset = dataset["train"].train_test_split(test_size=VALIDATION_PERCENT / 100, seed=0)
         dataset = {"train": dataset["train"], "validation": dataset["test"]}

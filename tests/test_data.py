@@ -110,3 +110,9 @@ def test_block_larger_than_the_data_is_refused(tmp_path, tokenizer):
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         resolve_settings(settings)
+
+
+def test_unknown_dataset_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"data 'no-such-corpus' is neither 'builtin' nor a local file or folder"):
+        load_documents("no-such-corpus", "train")
