@@ -221,6 +221,35 @@ def _final_model(accelerator, model, settings, tokenizer):
     return full
 
 
+def _optimizer_and_scheduler(model, s: dict, device: torch.device):
+    """AdamW over `parameter_groups` and the LR schedule as a LambdaLR (one step per optimizer step)."""
+    from .schedules import lr_multiplier
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, s["weight_decay"]),
+        lr=s["lr"],
+        betas=(s["adam_beta1"], s["adam_beta2"]),
+        fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters; much faster on CPU
+    )
+    multiplier = lr_multiplier(s["schedule"], s["warmup_steps"], s["max_steps"], s["min_lr_ratio"], s["decay_fraction"])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def _write_outputs(out: Path, model, tokenizer, s: dict, summary: dict) -> None:
+    """final/ (Hub-ready, with tokenizer and model card), loss_curve.png and summary.json."""
+    from .hub import save_folder
+
+    model.config.use_cache = True
+    results = {name: summary[key] for name, key in
+               (("final validation loss", "final_val_loss"), ("best validation loss", "best_val_loss"),
+                ("tokens seen", "tokens_seen"))}  # fmt: skip
+    card = {"how_made": _how_made(s, summary["tokens_seen"], summary["num_processes"]), "results": results}
+    save_folder(model, out / "final", tokenizer=tokenizer, card=card, overwrite=True)
+    plot_loss_curve(out)
+    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()}
+    atomic_write_json(out / "summary.json", finite)
+
+
 def _how_made(settings: dict, tokens_seen: int, num_processes: int) -> str:
     source = settings["init_from"] or f"`{settings['model']}` (from scratch)"
     return (
@@ -245,8 +274,6 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from .data import cached_blocks
-    from .hub import save_folder
-    from .schedules import lr_multiplier
 
     s = resolve_settings(settings)
     out = Path(s["out"])
@@ -291,14 +318,7 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     model = load_initial_model(s, tokenizer)
     if s["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, s["weight_decay"]),
-        lr=s["lr"],
-        betas=(s["adam_beta1"], s["adam_beta2"]),
-        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel for all parameters; much faster on CPU
-    )
-    multiplier = lr_multiplier(s["schedule"], s["warmup_steps"], s["max_steps"], s["min_lr_ratio"], s["decay_fraction"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    optimizer, scheduler = _optimizer_and_scheduler(model, s, accelerator.device)
     loader = DataLoader(TensorDataset(train_blocks), batch_size=s["batch_size"], shuffle=True, drop_last=True)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
@@ -377,16 +397,7 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     final_model = _final_model(accelerator, model, s, tokenizer)
     emit("end", model=final_model)
     if main:
-        final_model.config.use_cache = True
-        results = {"final validation loss": val_loss, "best validation loss": state["best_val_loss"],
-                   "tokens seen": state["tokens_seen"]}  # fmt: skip
-        card = {"how_made": _how_made(s, state["tokens_seen"], world), "results": results}
-        save_folder(final_model, out / "final", tokenizer=tokenizer, card=card, overwrite=True)
-        plot_loss_curve(out)
-        atomic_write_json(
-            out / "summary.json",
-            {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()},
-        )
+        _write_outputs(out, final_model, tokenizer, s, summary)
     accelerator.wait_for_everyone()
     return summary
 
