@@ -40,8 +40,10 @@ def _is_builtin(source) -> bool:
     return source in (None, "builtin")
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+def _is_local(source: str) -> bool:
+    """An existing path, or something that can only be meant as one (a missing file gets a FileNotFoundError)."""
+    path_like = source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+    return path_like or Path(source).expanduser().exists()
 
 
 def _data_files(source: str) -> list[Path]:
@@ -140,7 +142,7 @@ def load_documents(source: str | None = None, split: str = "train") -> list[str]
     if _is_builtin(source):
         return builtin_corpus()[split]
     source = os.fspath(source)
-    if Path(source).expanduser().exists() or _looks_like_path(source):
+    if _is_local(source):
         documents = _local_splits(source)[split]
     else:
         documents = _dataset_split(source, split)
@@ -174,7 +176,7 @@ def data_fingerprint(source: str | None) -> str:
     if _is_builtin(source):
         return f"builtin:python{sys.version_info.major}.{sys.version_info.minor}:{VALIDATION_PERCENT}"
     source = os.fspath(source)
-    if not Path(source).expanduser().exists() and not _looks_like_path(source):
+    if not _is_local(source):
         return f"dataset:{source}"
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _data_files(source)]
     return "files:" + json.dumps(stats)
