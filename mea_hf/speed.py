@@ -46,7 +46,8 @@ def time_decode(model, cache: Cache, next_tokens: torch.Tensor, new_tokens: int)
 
 
 def decode_tokens_per_second(model, context_len: int, new_tokens: int, batch_size: int = 1) -> float:
-    """Generated tokens per second (all sequences of the batch together) while decoding after `context_len` tokens."""
+    """Generated tokens per second (all sequences of the batch together) while decoding after `context_len` tokens.
+    Puts `model` in eval mode; one untimed warm-up step precedes the `new_tokens` timed ones."""
     model.eval()
     cache, next_tokens = prefill(model, context_len, batch_size)
     time_decode(model, cache, next_tokens, 1)  # warm-up step, not timed
