@@ -35,8 +35,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_mea import MEACache, MEAStaticCache, claim_cache
 from .configuration_mea import MEAConfig
 
-# Steps with at most this many query tokens (decode, speculative verification) may use the absorbed path; its
-# score tensor is h' times larger than a normal one, so long prefills always reconstruct.
+# Cached steps with at most this many query tokens (decode, speculative verification) may use the absorbed path;
+# long prefills and every uncached (training) forward reconstruct.
 ABSORB_MAX_QUERY_LEN = 64
 
 
@@ -148,9 +148,11 @@ class MEAAttention(nn.Module):
             else None
         )
 
-    def _use_absorb(self, query_len: int) -> bool:
+    def _use_absorb(self, query_len: int, cached: bool) -> bool:
+        """Absorb only attends over a cache: uncached (training) forwards keep the attention kernel's own masking."""
         return (
-            self.config.kv_decode == "absorb"
+            cached
+            and self.config.kv_decode == "absorb"
             and self.hlc_k is not None
             and self.hlc_v is not None
             and query_len <= ABSORB_MAX_QUERY_LEN
@@ -178,7 +180,7 @@ class MEAAttention(nn.Module):
         if past_key_values is not None:
             key_components, value_components = past_key_values.update(key_components, value_components, self.layer_idx)
 
-        if self._use_absorb(query.shape[2]):
+        if self._use_absorb(query.shape[2], cached=past_key_values is not None):
             attn_output, attn_weights = absorbed_attention(
                 query, key_components, value_components, self.hlc_k, self.hlc_v,
                 attention_mask, self.scaling, self.num_key_value_groups,
