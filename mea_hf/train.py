@@ -239,7 +239,8 @@ def _write_outputs(out: Path, model, tokenizer, s: dict, summary: dict) -> None:
     """final/ (Hub-ready, with tokenizer and model card), loss_curve.png and summary.json."""
     from .hub import save_folder
 
-    model.config.use_cache = True
+    model.config.use_cache = True  # training ran without a cache; the saved model generates with one
+    model.generation_config.use_cache = True
     results = {name: summary[key] for name, key in
                (("final validation loss", "final_val_loss"), ("best validation loss", "best_val_loss"),
                 ("tokens seen", "tokens_seen"))}  # fmt: skip
