@@ -1,6 +1,6 @@
 """`mea quickstart`: the main job end to end, offline, on the built-in corpus.
 
-    mea quickstart                     # full run (about 20 minutes on 2 idle CPU cores), writes runs/quickstart/
+    mea quickstart                     # full run (about 10 minutes on 2 CPU cores), writes runs/quickstart/
     mea quickstart --smoke --out DIR   # the same code path at toy sizes (under a minute), for CI
 
 Stages, under one progress bar:
@@ -35,10 +35,10 @@ PRESETS = {
         "batch_size": 8,
         "lr": 2e-3,
         "warmup_steps": 30,
-        "train_steps": 500,
-        "recover_steps": 100,
+        "train_steps": 1500,
+        "recover_steps": 75,
         "recover_lr": 1e-3,
-        "eval_every": 100,
+        "eval_every": 250,
         "eval_blocks": 64,
         "calib_blocks": 32,
         "eval_limit": None,
