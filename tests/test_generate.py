@@ -74,15 +74,6 @@ def assert_component_storage(cache, config):
         assert layer.keys.shape[1] == layer.values.shape[1] == heads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread than on two shared, busy cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("shape, path", ALL_CASES)
 def test_greedy(shape, path):
     model = make_model(shape, path)

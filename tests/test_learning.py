@@ -17,15 +17,6 @@ from mea_hf.loss import mean_token_loss
 STEPS, BATCH, BLOCK, LR = 300, 8, 32, 1e-2
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unigram_entropy(blocks: torch.Tensor) -> float:
     """Entropy (nats/token) of the token frequencies of `blocks`: the best loss without using any context."""
     counts = Counter(blocks.flatten().tolist())
@@ -33,7 +24,7 @@ def unigram_entropy(blocks: torch.Tensor) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-def test_a_few_hundred_steps_reduce_the_loss_clearly(tokenizer, one_thread):
+def test_a_few_hundred_steps_reduce_the_loss_clearly(tokenizer):
     corpus = builtin_corpus()
     train_blocks = pack_blocks(tokenizer, corpus["train"][:40], BLOCK, max_blocks=256)
     val_blocks = pack_blocks(tokenizer, corpus["validation"][:10], BLOCK, max_blocks=32)
