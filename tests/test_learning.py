@@ -5,7 +5,6 @@ and lower the loss on held-out documents too."""
 import math
 from collections import Counter
 
-import pytest
 import torch
 from conftest import tiny_mea_config
 
