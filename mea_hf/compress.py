@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from .modeling_mea import compose_heads
+
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
 CALIB_STEPS = 100
@@ -116,11 +118,10 @@ def virtual_keys_values(attn, normed_hidden: torch.Tensor) -> tuple[torch.Tensor
     if attn.config.qk_norm:
         keys = attn.k_norm(keys)
     values = attn.v_proj(normed_hidden).view(shape)
-    return _compose(keys, attn.hlc_k), _compose(values, attn.hlc_v)
-
-
-def _compose(components: torch.Tensor, hlc) -> torch.Tensor:
-    return components if hlc is None else torch.einsum("btcd,ch->bthd", components, hlc.to(components.dtype))
+    return tuple(
+        compose_heads(components.transpose(1, 2), hlc).transpose(1, 2)
+        for components, hlc in ((keys, attn.hlc_k), (values, attn.hlc_v))
+    )
 
 
 def head_gram(heads: torch.Tensor) -> torch.Tensor:
