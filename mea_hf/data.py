@@ -17,12 +17,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .corpus import VALIDATION_PERCENT, builtin_corpus, is_validation
 
 SPLITS = ("train", "validation")
@@ -204,15 +203,8 @@ def cached_blocks(tokenizer, source, split: str, block_size: int, cache_dir=None
         raise ValueError(
             f"the {split} split of data {source or 'builtin'!r}: {error} Use a smaller block_size or more data."
         ) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(blocks, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return blocks
 
 

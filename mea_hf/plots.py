@@ -1,10 +1,11 @@
 """Shared matplotlib helpers: headless (Agg) line plots written atomically as PNG files."""
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
+
+from .atomic import atomic_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -12,19 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 def save_figure(figure, path: str | os.PathLike) -> Path:
     """Write `figure` to `path` (PNG) through a temporary file and a rename, then close it."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=".png", dir=final.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
-    return final
+    return Path(path)
 
 
 def line_plot(

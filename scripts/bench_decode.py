@@ -164,10 +164,7 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mea_hf.plots import plt, save_figure
 
     contexts = [int(c) for c in results]
     panels = [("tokens_per_s_vs_llama", "decode tokens/s"), ("kv_bytes_vs_llama", "KV cache bytes"),
@@ -183,10 +180,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_title(f"{title} (x Llama)")
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(figure, path)
 
 
 def main(argv=None) -> int:
