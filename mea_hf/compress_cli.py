@@ -87,16 +87,13 @@ def load_model_and_tokenizer(path, dtype: str = "auto"):
 
 def token_blocks(tokenizer, source: str, split: str, num_blocks: int, block_size: int, what: str) -> torch.Tensor:
     """Up to `num_blocks` packed blocks of `split` of `source` (via mea_hf.data), for calibration or validation."""
-    from .data import load_documents, pack_blocks
+    from .data import load_text, pack_blocks
 
     if tokenizer is None:
         raise ValueError(f"the model folder has no tokenizer, which {what} needs.")
     if num_blocks < 1 or block_size < 2:
         raise ValueError(f"{what} needs at least 1 block of at least 2 tokens, got {num_blocks} x {block_size}.")
-    documents = load_documents(source, split)
-    if not any(text.strip() for text in documents):
-        raise ValueError(f"{what} data {source!r} is empty.")
-    return pack_blocks(tokenizer, documents, block_size, max_blocks=num_blocks)
+    return pack_blocks(tokenizer, load_text(source, split), block_size, max_blocks=num_blocks)
 
 
 def _layers_from_args(args, config) -> tuple[int, list[int] | None]:

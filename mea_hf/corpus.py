@@ -40,9 +40,14 @@ def is_validation(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < VALIDATION_PERCENT
 
 
+def builtin_documents() -> list[tuple[str, str]]:
+    """(name, text) of every document of the built-in corpus, in a fixed order."""
+    return _stdlib_documents() + _pydoc_documents()
+
+
 def builtin_corpus() -> dict[str, list[str]]:
     """{"train": [...], "validation": [...]} document texts of the built-in corpus, in a fixed order."""
     splits = {"train": [], "validation": []}
-    for name, text in _stdlib_documents() + _pydoc_documents():
+    for name, text in builtin_documents():
         splits["validation" if is_validation(name) else "train"].append(text)
     return splits

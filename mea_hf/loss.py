@@ -15,7 +15,7 @@ def mean_token_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()

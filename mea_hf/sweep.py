@@ -19,10 +19,10 @@ from .train_settings import add_setting_arguments, settings_from_args
 
 VARIANTS = ("llama", "llama-headnorm", "mea-nonorm", "mea")
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
-# Sized for about 45 minutes for the 16 runs on 2 idle CPU cores (tiny models, 200 steps x 2048 tokens each).
+# Sized for about 90 minutes for the 16 runs on 2 CPU cores (tiny models, 2400 steps x 2048 tokens = 1.5 epochs each).
 SWEEP_DEFAULTS = {
-    "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 200, "warmup_steps": 20, "eval_every": 40,
-    "eval_blocks": 32, "save_every": 100, "keep_checkpoints": 1, "progress": False,
+    "block_size": 128, "batch_size": 16, "grad_accum": 1, "max_steps": 2400, "warmup_steps": 240, "eval_every": 300,
+    "eval_blocks": 128, "save_every": 600, "keep_checkpoints": 1, "progress": False,
 }  # fmt: skip
 _RESULT_FLOATS = ("final_val_loss", "best_val_loss", "initial_val_loss", "tokens_per_second")
 _PER_RUN_KEYS = ("model", "lr", "out", "resume", "init_from", "tokenizer")

@@ -283,6 +283,9 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
+        # Without any accelerator device, processes started by `accelerate launch --multi_gpu` or torchrun train on
+        # CPU over gloo (accelerate's MULTI_CPU) instead of each running alone.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if s["bf16"] else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=s["grad_accum"], sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=s["seed"]),
@@ -290,6 +293,10 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     )
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {world}; each would train alone "
+                           "and write the same output folder. Check the launcher's distributed settings.")  # fmt: skip
 
     def emit(event: str, **info) -> None:
         if on_event is not None:
@@ -348,7 +355,7 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
         started, losses, grad_norm = time.perf_counter(), [], None
         lr = scheduler.get_last_lr()[0]
         for _ in range(s["grad_accum"]):
-            (input_ids,) = next(batches)
+            input_ids = next(batches)[0].long()  # blocks are stored as int32
             emit("batch", step=state["step"], input_ids=input_ids)
             with accelerator.accumulate(model):
                 loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss

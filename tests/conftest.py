@@ -1,11 +1,13 @@
 """Shared fixtures: offline environment, seeds, tiny configs and a tokenizer trained on the built-in corpus."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MEA_HF_CACHE", tempfile.mkdtemp(prefix="mea-hf-test-cache-"))  # leave ~/.cache alone
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

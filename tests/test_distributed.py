@@ -1,4 +1,4 @@
-"""Two real training processes on CPU (torchrun -> accelerate MULTI_CPU over gloo): different data, same weights."""
+"""Two real training processes on CPU through `accelerate launch` (MULTI_CPU over gloo): different data, same weights."""
 
 import inspect
 import os
@@ -18,9 +18,11 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(tmp_pat
     data = tmp_path / "data.txt"
     data.write_text(inspect.getsource(textwrap)[:12000], encoding="utf-8")
     out = tmp_path / "run"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(WORKER), str(data), str(out), str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # --multi_gpu is accelerate's multi-process launcher; with no GPU, `train` makes it MULTI_CPU over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29533", str(WORKER), str(data), str(out), str(tmp_path / "cache")]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

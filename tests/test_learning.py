@@ -25,7 +25,7 @@ def unigram_entropy(blocks: torch.Tensor) -> float:
 
 def test_a_few_hundred_steps_reduce_the_loss_clearly(tokenizer):
     corpus = builtin_corpus()
-    train_blocks = pack_blocks(tokenizer, corpus["train"][:40], BLOCK, max_blocks=256)
+    train_blocks = pack_blocks(tokenizer, corpus["train"][:40], BLOCK, max_blocks=256).long()
     val_blocks = pack_blocks(tokenizer, corpus["validation"][:10], BLOCK, max_blocks=32)
     config = tiny_mea_config(vocab_size=len(tokenizer), num_component_heads=1)  # compressed: 1 of 2 KV heads
     model = MEAForCausalLM(config)
