@@ -330,10 +330,15 @@ def train(settings: dict, on_event: Callable | None = None) -> dict:
     loader = DataLoader(TensorDataset(train_blocks), batch_size=s["batch_size"], shuffle=True, drop_last=True)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    state = {"step": 0, "tokens_seen": 0, "initial_val_loss": None, "best_val_loss": float("inf"), "train_seconds": 0.0}
+    state = {"step": 0, "tokens_seen": 0, "initial_val_loss": None, "best_val_loss": float("inf"),
+             "train_seconds": 0.0, "num_processes": world}  # fmt: skip
     if checkpoint is not None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        if saved.get("num_processes", world) != world:  # the data order and RNG states are per process
+            raise ValueError(f"checkpoint {checkpoint} was written by {saved['num_processes']} processes and this run "
+                             f"has {world}; resume with {saved['num_processes']} to continue exactly.")  # fmt: skip
         accelerator.load_state(checkpoint)
-        state.update(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
+        state.update(saved)
     log = MetricsLog(out, main, state["step"] if checkpoint is not None else None)
     tokens_per_step = s["block_size"] * s["batch_size"] * s["grad_accum"] * world
 

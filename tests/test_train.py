@@ -129,6 +129,15 @@ def test_interrupted_save_keeps_last_checkpoint_and_resume_is_exact(small_data, 
     assert seen == [7, 8] and read_metrics(copy) == reference_records
     assert again["final_val_loss"] == reference["final_val_loss"]
 
+    # A checkpoint written by another number of processes cannot continue exactly: refused, with both counts named.
+    other = tmp_path / "d"
+    shutil.copytree(reference["out_dir"], other)
+    shutil.rmtree(other / "final")
+    state_file = checkpoint_dirs(other)[-1] / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1; resume with 2"):
+        train({**interrupted, "out": str(other), "resume": True})
+
 
 def test_parameter_groups_skip_norms_embeddings_and_hlc(tokenizer):
     model = build_model("tiny-mea", tokenizer, block_size=64)
