@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside `path`; on success it is renamed to `path`, on error it is removed.
@@ -19,6 +25,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"Output folder {final} exists and is not empty (pass overwrite to replace it).")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -37,6 +44,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the result is an ordinary file
     try:
         yield Path(tmp)
         os.replace(tmp, final)
