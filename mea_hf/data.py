@@ -37,7 +37,7 @@ SPLITS = ("train", "validation")
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes
-_TOKENIZE_BATCH = 256
+_READ_BATCH = 256  # documents read (and tokenised) at a time
 _CACHE_FORMAT = 1
 
 
@@ -226,7 +226,7 @@ def pack_blocks(tokenizer, documents, block_size: int, max_blocks: int | None = 
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}.")
     pieces, total = [], 0
-    for texts in _text_batches(documents, _TOKENIZE_BATCH):
+    for texts in _text_batches(documents, _READ_BATCH):
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             pieces.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
             total += len(ids) + 1
@@ -304,5 +304,5 @@ def cached_tokenizer(source, vocab_size: int, cache_dir=None):
 
 def iter_texts(documents: Iterable) -> Iterator[str]:
     """Every document text of a `load_text` dataset (or of an iterable of strings), in order."""
-    for batch in _text_batches(documents, 1000):
+    for batch in _text_batches(documents, _READ_BATCH):
         yield from batch

@@ -1,13 +1,17 @@
 """Shared fixtures: offline environment, seeds, tiny configs and a tokenizer trained on the built-in corpus."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MEA_HF_CACHE", tempfile.mkdtemp(prefix="mea-hf-test-cache-"))  # leave ~/.cache alone
+if "MEA_HF_CACHE" not in os.environ:  # a throw-away cache for the session: leave ~/.cache alone
+    os.environ["MEA_HF_CACHE"] = tempfile.mkdtemp(prefix="mea-hf-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEA_HF_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
