@@ -13,8 +13,45 @@ the layer-type route would tie the saved config to this package. The override ke
 This file is copied next to saved models for `trust_remote_code`, so it imports only torch and transformers.
 """
 
+import inspect
+
 import torch
+import transformers
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.masking_utils import create_causal_mask
+
+# The name under which the installed transformers passes a cache between generate(), forwards and mask builders, and
+# returns it in model outputs: `past_key_values` up to 5.23, `cache` from 5.24 on. Detected from the mask builder's
+# signature, not from a version string, so that a backport or a dev build is read by what it does.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def is_cache(value) -> bool:
+    """A transformers KV cache of any kind, paged caches of continuous batching included."""
+    return isinstance(value, (Cache, PagedAttentionCache))
+
+
+def resolve_cache(cache, past_key_values, kwargs: dict):
+    """The cache a forward was given, under 5.24's `cache` or the older `past_key_values` (both are read on every
+    transformers version, silently). A cache under any other keyword raises: a future rename must fail loudly rather
+    than let the model rebuild an empty cache every step and decode wrong tokens."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Got two different caches, as `cache` and as `past_key_values`; pass one.")
+    for name, value in kwargs.items():
+        if is_cache(value):
+            raise ValueError(
+                f"MEA received a {type(value).__name__} as `{name}=`, an argument it does not read as its cache (it "
+                f"reads `cache` and `past_key_values`). The installed transformers {transformers.__version__} may "
+                "pass the cache under a new name that this version of mea-hf does not know; decoding would ignore "
+                "the cache and be silently wrong. Upgrade mea-hf, or use a transformers version it supports."
+            )
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(outputs):
+    """The cache a model output carries (`outputs.cache` from 5.24 on, `outputs.past_key_values` before)."""
+    return getattr(outputs, CACHE_ARG)
 
 
 class _ComponentHeadsLayer:
@@ -66,6 +103,8 @@ def claim_cache(cache: Cache, config) -> None:
     stores component heads from then on; a plain cache that already holds states was filled by another model (a
     Llama cache has the same shape whenever h' = h), so attending over it would be silently wrong.
     """
+    if isinstance(cache, PagedAttentionCache):
+        return  # continuous batching: the engine sized the pages from this model's config
     expected = cache_signature(config)
     signature = getattr(cache, "mea_signature", None)
     if signature == expected:

@@ -41,7 +41,7 @@ class MEAConfig(PreTrainedConfig):
     """
 
     model_type = "mea"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the output field before / from 5.24
     # Tensor parallelism shards the MLP only. Attention stays replicated: HLC mixes K/V across all heads, so a rank
     # holding a slice of the query heads would still need every virtual head, which transformers' plans can't express
     # (a colwise q_proj/rowwise o_proj plan fails with head norm and silently gives wrong logits without it).

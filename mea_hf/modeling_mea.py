@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -28,11 +29,19 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_mea import MEACache, MEAStaticCache, claim_cache
+from .cache_mea import (
+    CACHE_ARG,
+    MEACache,
+    MEAStaticCache,
+    PagedAttentionCache,
+    claim_cache,
+    output_cache,
+    resolve_cache,
+)
 from .configuration_mea import MEAConfig
 
 # Cached steps with at most this many query tokens (decode, speculative verification) may use the absorbed path;
@@ -163,8 +172,8 @@ class MEAAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -177,10 +186,12 @@ class MEAAttention(nn.Module):
         cos, sin = position_embeddings
         query, key_components = apply_rotary_pos_emb(query.transpose(1, 2), key_components.transpose(1, 2), cos, sin)
 
-        if past_key_values is not None:
-            key_components, value_components = past_key_values.update(key_components, value_components, self.layer_idx)
+        if isinstance(cache, PagedAttentionCache):
+            return self._paged_forward(query, key_components, value_components, attention_mask, cache, **kwargs)
+        if cache is not None:
+            key_components, value_components = cache.update(key_components, value_components, self.layer_idx)
 
-        if self._use_absorb(query.shape[2], cached=past_key_values is not None):
+        if self._use_absorb(query.shape[2], cached=cache is not None):
             attn_output, attn_weights = absorbed_attention(
                 query, key_components, value_components, self.hlc_k, self.hlc_v,
                 attention_mask, self.scaling, self.num_key_value_groups,
@@ -199,10 +210,30 @@ class MEAAttention(nn.Module):
                 scaling=self.scaling,
                 **kwargs,
             )
+        return self._output(attn_output), attn_weights
+
+    def _output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """Head norm, then o_proj: (batch, seq, H, d) -> (batch, seq, hidden)."""
         if self.head_norm is not None:
             attn_output = self.head_norm(attn_output)
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
+        return self.o_proj(attn_output.reshape(*attn_output.shape[:2], -1).contiguous())
+
+    def _paged_forward(self, query, key_components, value_components, attention_mask, cache, **kwargs):
+        """Continuous batching: the paged cache holds the h virtual heads, sized by the engine from
+        `num_key_value_heads`. From transformers 5.24 on (cache argument `cache`) the model writes the pages itself;
+        before, the paged attention kernels did, reading the cache from their keyword arguments."""
+        key, value = compose_heads(key_components, self.hlc_k), compose_heads(value_components, self.hlc_v)
+        if CACHE_ARG == "cache":
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        else:
+            kwargs["cache"] = cache
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self._output(attn_output), attn_weights
 
 
 class MEADecoderLayer(GradientCheckpointingLayer):
@@ -220,17 +251,17 @@ class MEADecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -247,7 +278,7 @@ class MEAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MEADecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False  # the absorbed decode path takes dense masks only
@@ -284,21 +315,27 @@ class MEAModel(MEAPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        r"""`cache` holds the component heads (see `MEACache`); `past_key_values` is read as the same argument, the
+        name transformers used up to 5.23. A cache under any other keyword is refused (`resolve_cache`)."""
+        cache = resolve_cache(cache, past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = MEACache(config=self.config)
-        if past_key_values is not None:
-            claim_cache(past_key_values, self.config)  # never attend over another model's keys/values
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            cache = None  # checkpointed layers run twice and would write the cache twice
+        if use_cache and cache is None:
+            cache = MEACache(config=self.config)
+        if cache is not None:
+            claim_cache(cache, self.config)  # never attend over another model's keys/values
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -306,8 +343,8 @@ class MEAModel(MEAPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_ARG: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -317,12 +354,12 @@ class MEAModel(MEAPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_ARG: cache})
 
 
 class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
@@ -345,18 +382,20 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
+        r"""Language-model logits (and the shifted LM loss given `labels`); `cache` as in `MEAModel.forward`."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -369,9 +408,9 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_ARG: output_cache(outputs)},
         )
 
     def _get_static_cache_init_shape(self):
@@ -383,20 +422,20 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
 
         A user-supplied cache is kept as it is (it stores component heads too; `claim_cache` refuses a wrong one)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_ARG)
         if cache is None or getattr(cache, "_is_user_defined", False):
             return
         if type(cache) is DynamicCache:
-            model_kwargs["past_key_values"] = MEACache(self.config, offloading=cache.offloading)
+            model_kwargs[CACHE_ARG] = MEACache(self.config, offloading=cache.offloading)
         elif type(cache) is StaticCache:
             mea_cache = MEAStaticCache(self.config, cache.layers[0].max_cache_len, offloading=cache.offloading)
             if cache.is_initialized:  # eager init (chunked prefill): keep it eager
                 first = cache.layers[0]
                 mea_cache.early_initialization(
                     first.batch_size, self.config.component_heads_per_layer, self.config.head_dim,
-                    first.dtype, first.device,
+                    first.keys.dtype, first.device,
                 )  # fmt: skip
-            model_kwargs["past_key_values"] = mea_cache
+            model_kwargs[CACHE_ARG] = mea_cache
 
 
 class MEAForSequenceClassification(GenericForSequenceClassification, MEAPreTrainedModel):

@@ -222,7 +222,7 @@ class Quickstart:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .cache_mea import cache_nbytes
+        from .cache_mea import cache_nbytes, output_cache
 
         folder = self.folders["mea-kv50"]
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -231,7 +231,7 @@ class Quickstart:
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=self.settings["sample_tokens"], do_sample=False, use_cache=True,
                                     return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        cache = output.past_key_values
+        cache = output_cache(output)
         self.sample = {
             "model": "mea-kv50",
             "prompt": SAMPLE_PROMPT,

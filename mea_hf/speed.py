@@ -10,6 +10,8 @@ import time
 import torch
 from transformers.cache_utils import Cache
 
+from .cache_mea import CACHE_ARG, output_cache
+
 
 @torch.inference_mode()
 def prefill(
@@ -26,9 +28,9 @@ def prefill(
     context = context.to(model.device)
     cache = None
     for start in range(0, context_len, chunk_size):
-        outputs = model(input_ids=context[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)  # fmt: skip
-        cache = outputs.past_key_values
+        outputs = model(input_ids=context[:, start : start + chunk_size], use_cache=True, logits_to_keep=1,
+                        **{CACHE_ARG: cache})  # fmt: skip
+        cache = output_cache(outputs)
     return cache, outputs.logits[:, -1:].argmax(-1)
 
 
@@ -40,7 +42,7 @@ def time_decode(model, cache: Cache, next_tokens: torch.Tensor, new_tokens: int)
     tokens = next_tokens
     start = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=tokens, use_cache=True, **{CACHE_ARG: cache}).logits
         tokens = logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 

@@ -37,11 +37,11 @@ def check(path: str, steps: int = 4) -> tuple[float, float]:
     tokens, worst, started = prompt[:, -1:], 0.0, time.perf_counter()
     with torch.no_grad():
         for cache in caches:
-            model(prompt, past_key_values=cache)
+            model(prompt, cache=cache)
         for step in range(steps):
             position = torch.full((2, 1), prompt.shape[1] + step)
-            eager = model(input_ids=tokens, position_ids=position, past_key_values=caches[0]).logits
-            fast = compiled(input_ids=tokens, position_ids=position, past_key_values=caches[1]).logits
+            eager = model(input_ids=tokens, position_ids=position, cache=caches[0]).logits
+            fast = compiled(input_ids=tokens, position_ids=position, cache=caches[1]).logits
             worst = max(worst, (fast - eager).abs().max().item())
             tokens = eager[:, -1:].argmax(-1)
     return worst, time.perf_counter() - started

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_DIMS, perturb_, tiny_mea_config
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from mea_hf.cache_mea import MEACache, MEADynamicLayer, MEAStaticCache, MEAStaticLayer
+from mea_hf.cache_mea import CACHE_ARG, MEACache, MEADynamicLayer, MEAStaticCache, MEAStaticLayer
 from mea_hf.modeling_mea import MEAForCausalLM
 
 HEAD_DIM = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]
@@ -105,9 +105,9 @@ def test_cache_filled_by_llama_is_refused(num_component_heads):
     llama_cache = llama(ids, use_cache=True).past_key_values
     assert type(llama_cache) is DynamicCache and llama_cache.get_seq_length() == 5
     with pytest.raises(ValueError, match="written by a model that is not this MEA model"):
-        mea(ids[:, -1:], past_key_values=llama_cache)
+        mea(ids[:, -1:], **{CACHE_ARG: llama_cache})
     with pytest.raises(ValueError, match="written by a model that is not this MEA model"):
-        mea.generate(ids, past_key_values=llama_cache, max_new_tokens=2)
+        mea.generate(ids, **{CACHE_ARG: llama_cache}, max_new_tokens=2)
 
 
 def test_cache_from_another_config_is_refused():
@@ -120,9 +120,9 @@ def test_cache_from_another_config_is_refused():
     ):
         for cache in (MEACache(other), MEAStaticCache(other, max_cache_len=16)):
             with pytest.raises(ValueError, match="built for an MEA config"):
-                mea(ids, past_key_values=cache)
+                mea(ids, **{CACHE_ARG: cache})
             with pytest.raises(ValueError, match="built for an MEA config"):
-                mea.generate(ids, past_key_values=cache, max_new_tokens=2)
+                mea.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=2)
 
 
 def test_mea_cache_needs_an_mea_config():
@@ -136,7 +136,7 @@ def test_reset_plain_cache_can_be_reused_by_mea():
     ids = torch.randint(3, 128, (1, 5))
     cache = llama(ids, use_cache=True).past_key_values
     cache.reset()
-    logits = mea(ids, past_key_values=cache).logits
+    logits = mea(ids, **{CACHE_ARG: cache}).logits
     torch.testing.assert_close(logits, mea(ids, use_cache=False).logits, atol=1e-5, rtol=0)
     assert [layer.keys.shape[1] for layer in cache.layers] == [1, 1]
 

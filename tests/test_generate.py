@@ -14,7 +14,7 @@ from conftest import TINY_DIMS, perturb_, tiny_mea_config
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache, TextStreamer, pipeline
 
 from mea_hf import modeling_mea
-from mea_hf.cache_mea import MEACache, MEAStaticCache
+from mea_hf.cache_mea import CACHE_ARG, MEACache, MEAStaticCache, output_cache
 from mea_hf.modeling_mea import MEAForCausalLM
 
 # Tiny configs have 4 query heads; "kv" is the number of virtual KV heads h, "components" h' (per layer if a list).
@@ -80,11 +80,11 @@ def test_greedy(shape, path):
     ids = prompt()
     cached = run(model, ids, do_sample=False)
     assert_same_generation(cached, run(model, ids, do_sample=False, use_cache=False))
-    assert isinstance(cached.past_key_values, MEACache)
-    assert_component_storage(cached.past_key_values, model.config)
+    assert isinstance(output_cache(cached), MEACache)
+    assert_component_storage(output_cache(cached), model.config)
     # A user-built plain cache and an explicit MEACache end up the same way.
     for cache in (DynamicCache(config=model.config), MEACache(model.config)):
-        explicit = run(model, ids, do_sample=False, past_key_values=cache)
+        explicit = run(model, ids, do_sample=False, **{CACHE_ARG: cache})
         assert_same_generation(explicit, cached)
         assert_component_storage(cache, model.config)
 
@@ -149,9 +149,9 @@ def test_continue_from_returned_cache(shape, path):
     model = make_model(shape, path)
     ids = prompt()
     first = run(model, ids, do_sample=False, max_new_tokens=4)
-    cache = first.past_key_values
+    cache = output_cache(first)
     assert cache.get_seq_length() == ids.shape[1] + 3  # the last sampled token is not yet in the cache
-    second = run(model, first.sequences, do_sample=False, max_new_tokens=4, past_key_values=cache)
+    second = run(model, first.sequences, do_sample=False, max_new_tokens=4, **{CACHE_ARG: cache})
     uncached = run(model, ids, do_sample=False, max_new_tokens=8, use_cache=False)
     assert torch.equal(second.sequences, uncached.sequences)
     for got, want in zip(first.logits + second.logits, uncached.logits):
@@ -164,10 +164,10 @@ def test_static_cache(shape, path):
     ids = prompt(batch=2)
     cached = run(model, ids, do_sample=False, cache_implementation="static")
     assert_same_generation(cached, run(model, ids, do_sample=False, use_cache=False))
-    assert isinstance(cached.past_key_values, MEAStaticCache)
-    assert_component_storage(cached.past_key_values, model.config)
+    assert isinstance(output_cache(cached), MEAStaticCache)
+    assert_component_storage(output_cache(cached), model.config)
     plain = StaticCache(config=model.config, max_cache_len=ids.shape[1] + NEW_TOKENS)  # a user-built plain one
-    assert_same_generation(run(model, ids, do_sample=False, past_key_values=plain), cached)
+    assert_same_generation(run(model, ids, do_sample=False, **{CACHE_ARG: plain}), cached)
     assert_component_storage(plain, model.config)
 
 
@@ -213,7 +213,7 @@ def test_absorb_matches_reconstruct(shape, attn_implementation, monkeypatch):
         model.config.kv_decode = path
         cache = MEACache(model.config)
         outputs = [
-            model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits
+            model(ids[:, start:end], attention_mask=mask[:, :end], **{CACHE_ARG: cache}).logits
             for start, end in chunks
         ]
         logits[path] = torch.cat(outputs, dim=1)
@@ -233,10 +233,10 @@ def test_compiled_decode_step_over_static_cache(path):
     ids = prompt(length=5)
     caches = [MEAStaticCache(model.config, max_cache_len=16) for _ in range(2)]
     for cache in caches:
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
     step = dict(input_ids=prompt(length=1, seed=9), position_ids=torch.tensor([[5]]))
-    eager = model(**step, past_key_values=caches[0]).logits
+    eager = model(**step, **{CACHE_ARG: caches[0]}).logits
     compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
-    compiled = compiled_model(**step, past_key_values=caches[1]).logits
+    compiled = compiled_model(**step, **{CACHE_ARG: caches[1]}).logits
     torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
     torch.testing.assert_close(caches[1].layers[1].keys, caches[0].layers[1].keys, atol=ATOL, rtol=0)

@@ -14,7 +14,7 @@ from conftest import TINY_DIMS, perturb_
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mea_hf
-from mea_hf.cache_mea import cache_nbytes
+from mea_hf.cache_mea import CACHE_ARG, cache_nbytes
 from mea_hf.hub import save_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_lm_eval_cli_hf_remote_code_and_mea_model_agree(folders, tokenizer, tmp_
     static compressed cache) both run all three offline task types, from an unrelated working directory, and agree;
     the perplexity matches the model's own log-likelihood of the held-out chunks."""
     hf = _run_lm_eval(
-        [str(REPO / ".venv/bin/lm_eval"), "--model", "hf", "--model_args",
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
          f"pretrained={folders['mea']},trust_remote_code=True"], tmp_path, "hf")  # fmt: skip
     mea = _run_lm_eval(
         [str(Path(sys.executable).parent / "mea-lm-eval"), "--model", "mea", "--model_args",
@@ -96,7 +96,7 @@ def _generate_until(lm, contexts: list[str], max_gen_toks: int = 6):
     caches = []
 
     def record(module, args, kwargs):
-        caches.append(kwargs.get("past_key_values"))
+        caches.append(kwargs.get(CACHE_ARG))
 
     handle = lm.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -157,7 +157,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 lm = HFLM(pretrained={str(folders["mea"])!r}, trust_remote_code=True, device="cpu", dtype="float32")
 caches = []
-lm.model.register_forward_pre_hook(lambda module, args, kwargs: caches.append(kwargs["past_key_values"]), with_kwargs=True)
+lm.model.register_forward_pre_hook(lambda module, args, kwargs: caches.append(kwargs[{CACHE_ARG!r}]), with_kwargs=True)
 texts = lm.generate_until([Instance("generate_until", {{}}, ({CONTEXT!r}, {{"until": ["\\n\\n\\n"], "max_gen_toks": 6}}), 0)])
 cache = caches[-1]
 nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_DIMS, perturb_, tiny_mea_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mea_hf.cache_mea import MEAStaticCache
+from mea_hf.cache_mea import CACHE_ARG, MEAStaticCache, output_cache
 from mea_hf.memory import cache_nbytes, cached_heads_per_layer, kv_bytes_per_token, kv_fraction
 from mea_hf.modeling_mea import MEAForCausalLM
 
@@ -24,7 +24,7 @@ def test_kv_bytes_ratio_against_llama_cache(kv_heads, components, expected):
     prompt = torch.randint(3, 128, (2, 6))
     mea_out = mea.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     llama_out = llama.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    mea_cache, llama_cache = mea_out.past_key_values, llama_out.past_key_values
+    mea_cache, llama_cache = output_cache(mea_out), output_cache(llama_out)
     assert mea_cache.get_seq_length() == llama_cache.get_seq_length() == 9
 
     assert Fraction(cache_nbytes(mea_cache), cache_nbytes(llama_cache)) == expected
@@ -39,7 +39,7 @@ def test_static_cache_bytes_are_the_allocation():
     model = MEAForCausalLM(config).eval()
     cache = MEAStaticCache(config, max_cache_len=32)
     assert cache_nbytes(cache) == 0  # nothing allocated before the first update
-    model(torch.randint(3, 128, (3, 5)), past_key_values=cache)
+    model(torch.randint(3, 128, (3, 5)), **{CACHE_ARG: cache})
     assert cache_nbytes(cache) == kv_bytes_per_token(config, torch.float32) * 3 * 32
 
 

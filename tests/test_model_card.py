@@ -116,7 +116,7 @@ with torch.no_grad():
     logits = model(inputs["input_ids"]).logits[0, -1]
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
 print(json.dumps({"ids": inputs["input_ids"][0].tolist(), "logits": logits.tolist(), "tokens": out.sequences[0].tolist(),
-                  "cache": type(out.past_key_values).__name__, "module": type(model).__module__,
+                  "cache": type(getattr(out, "cache", None) or out.past_key_values).__name__, "module": type(model).__module__,
                   "mea_hf_loaded": "mea_hf" in sys.modules}))
 """
     )

@@ -27,8 +27,9 @@ AUTO_MAP = {
 
 
 def compressed_model(**overrides):
-    """Head norm, random HLC, per-layer component heads [1, 2]: nothing about it is the default."""
-    config = tiny_mea_config(num_component_heads=[1, 2], **overrides)
+    """Head norm, random HLC, per-layer component heads [1, 2]: nothing about it is the default. No EOS token, so
+    that every way of generating runs the same number of steps."""
+    config = tiny_mea_config(num_component_heads=[1, 2], eos_token_id=None, **overrides)
     return perturb_(mea_hf.MEAForCausalLM(config), scale=0.1).eval()
 
 
@@ -110,7 +111,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockMeaHf())
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     folder, inputs, output = sys.argv[1:]
     input_ids = torch.load(inputs)
@@ -123,6 +124,11 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(input_ids).logits
     generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    uncached = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              use_cache=False)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batch = model.generate_batch(inputs=input_ids.tolist(), generation_config=config)  # continuous batching
+    batch_tokens = [out.generated_tokens for out in sorted(batch.values(), key=lambda out: out.request_id)]
     bf16 = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         bf16_logits = bf16(input_ids).logits
@@ -138,6 +144,8 @@ REMOTE_SCRIPT = textwrap.dedent(
             "loaded_mea_hf": any(name.split(".")[0] == "mea_hf" for name in sys.modules),
             "logits": logits,
             "generated": generated,
+            "uncached": uncached,
+            "batch_tokens": batch_tokens,
             "bf16_dtype": str(bf16_logits.dtype),
             "bf16_finite": bool(torch.isfinite(bf16_logits).all()),
         },
@@ -163,6 +171,8 @@ def test_trust_remote_code_in_a_python_without_mea_hf(saved, tmp_path):
     assert out["other_classes"] == ["MEAModel", "MEAForSequenceClassification"]
     assert torch.equal(out["logits"], logits)
     assert torch.equal(out["generated"], greedy(model))
+    assert torch.equal(out["generated"], out["uncached"])  # the remote code decodes right over its cache
+    assert out["batch_tokens"] == out["generated"][:, INPUT_IDS.shape[1] :].tolist()
     assert out["bf16_dtype"] == "torch.bfloat16" and out["bf16_finite"]
     resaved = tmp_path / "resaved"
     assert REMOTE_CODE_FILES | {"model.safetensors", "config.json"} <= {path.name for path in resaved.iterdir()}

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mea_hf.cache_mea import output_cache
 from mea_hf.cli import main as cli_main
 from mea_hf.data import cached_blocks
 from mea_hf.loss import mean_token_loss
@@ -79,7 +80,7 @@ def test_cli_trains_tiny_mea_and_final_folder_loads_and_generates(data_dir, tmp_
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert generated.sequences.shape == (1, prompt["input_ids"].shape[1] + 5)
     # A plain generate() on the saved folder decodes over the compressed cache (training itself ran uncached).
-    assert type(generated.past_key_values).__name__ == "MEACache"
+    assert type(output_cache(generated)).__name__ == "MEACache"
 
 
 def test_llama_baseline_trains_to_a_llama_folder(data_dir, tmp_path):
