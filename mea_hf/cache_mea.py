@@ -84,10 +84,10 @@ class MEAStaticLayer(_ComponentHeadsLayer, StaticLayer):
 
 
 def _component_heads(config) -> list[int]:
-    heads = getattr(config, "num_component_heads", None)
+    heads = getattr(config, "component_heads_per_layer", None)
     if heads is None:
         raise ValueError(f"An MEA cache needs an MEA config with `num_component_heads`, got {type(config).__name__}.")
-    return [heads] * config.num_hidden_layers if isinstance(heads, int) else list(heads)
+    return list(heads)
 
 
 def cache_signature(config) -> tuple[int, tuple[int, ...]]:

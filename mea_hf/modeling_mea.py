@@ -21,7 +21,6 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.processing_utils import Unpack
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -29,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -85,7 +85,7 @@ def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device
 
 
 def absorbed_attention(query, key_components, value_components, hlc_k, hlc_v, mask, scaling, kv_groups):
-    """Attention over the compressed cache without materialising virtual heads (DESIGN.md §2, "absorb").
+    """Attention over the compressed cache without materialising virtual heads (docs/design.md §2, "absorb").
 
     For query head i of KV group g:  logit_i = sum_c (W_k[c, g] q_i) . k_c,  out_i = sum_c W_v[c, g] (p_i @ v_c).
     Each component is read once, by one matmul with all H*T queries as rows, accumulated in place, so nothing

@@ -1,6 +1,6 @@
-"""Build the data files of the offline lm-eval tasks in `configs/lm_eval/` from the built-in corpus's held-out split.
+"""Build the data files of the offline lm-eval tasks in `mea_hf/resources/lm_eval/` from the built-in corpus's held-out split.
 
-    python scripts/make_lm_eval_data.py            # rewrites configs/lm_eval/data/*.jsonl
+    python scripts/make_lm_eval_data.py            # rewrites mea_hf/resources/lm_eval/data/*.jsonl
 
 Three small sets, all from `mea_hf.corpus.builtin_corpus()["validation"]` (documents no model here trains on):
 - heldout_chunks.jsonl: {"text"} chunks of whole lines, for perplexity (loglikelihood_rolling);
@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mea_hf.atomic import atomic_write_text
-from mea_hf.corpus import builtin_corpus
+from mea_hf.data.corpus import builtin_corpus
+from mea_hf.utils.atomic import atomic_write_text
 
 CONTEXT_LINES = 8
 NUM_CHUNKS = 40
@@ -128,7 +128,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "configs" / "lm_eval" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "mea_hf" / "resources" / "lm_eval" / "data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     documents = builtin_corpus()["validation"]

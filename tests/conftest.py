@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment, seeds, tiny configs and a tokenizer trained on the built-in corpus."""
+"""Shared fixtures: offline environment, seeds and a tokenizer trained on the built-in corpus (the tiny model
+factory and the no-mea_hf harness are in helpers.py)."""
 
 import atexit
 import os
@@ -21,42 +22,16 @@ import mea_hf  # noqa: E402,F401
 # Tiny models run faster on one thread, and the suite stays quick on a busy 2-core machine.
 torch.set_num_threads(1)
 
-TINY_DIMS = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
 
-def tiny_mea_config(**overrides):
-    """A 2-layer MEA config small enough for any test; keyword arguments override fields."""
-    return mea_hf.MEAConfig(**{**TINY_DIMS, **overrides})
-
-
-def perturb_(model, scale: float = 0.1, seed: int = 0):
-    """Add seeded noise to every parameter (HLC and norm scales included) so nothing is identity or one."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-    return model
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     """A 512-token byte-level BPE tokenizer trained on a slice of the built-in corpus."""
-    from mea_hf.corpus import builtin_corpus
-    from mea_hf.tokenizer import train_tokenizer
+    from mea_hf.data.corpus import builtin_corpus
+    from mea_hf.data.tokenizer import train_tokenizer
 
     return train_tokenizer(builtin_corpus()["train"][:40], vocab_size=512)

@@ -1,0 +1,92 @@
+"""`mea compress`: an MEA folder in, a folder caching fewer KV heads (SVD or calibration) out, written atomically."""
+
+from pathlib import Path
+
+from ..compress.reduce import CALIB_STEPS, METHODS, describe_compression, parse_layers, reduce_kv_heads
+from ..data.loading import token_blocks
+from ..hub.folders import check_model_folder, load_folder
+from ..utils.atomic import check_output_dir
+
+DEFAULT_CALIB_BLOCKS = 16
+DEFAULT_CALIB_BLOCK_SIZE = 256
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="local MEA folder (convert Llama-family folders with `mea convert`)"
+    )
+    parser.add_argument(
+        "--kv-heads", type=int, help="cached component heads h' per compressed layer (1..num_key_value_heads)"
+    )
+    parser.add_argument("--layers", help="layers to compress: '4-11', '0,3,5' or a mix; default all (or --budget)")
+    parser.add_argument("--budget", type=float, help="target KV cache fraction (e.g. 0.75); layers from --sensitivity")
+    parser.add_argument("--sensitivity", help="sensitivity.json written by `mea sensitivity` (or its folder)")
+    parser.add_argument(
+        "--method", choices=METHODS, default="svd", help="svd: data-free (paper); calib: uses --calib-data"
+    )
+    parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
+    parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="calibration blocks (calib)")
+    parser.add_argument(
+        "--calib-steps", type=int, default=CALIB_STEPS, help="refinement steps per layer (calib; 0: best start only)"
+    )
+    parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def check_kv_heads(kv_heads: int, config) -> None:
+    if not 1 <= kv_heads <= config.num_key_value_heads:
+        raise ValueError(
+            f"--kv-heads must be from 1 to {config.num_key_value_heads} (the model's KV heads), got {kv_heads}."
+        )
+
+
+def _layers_from_args(args, config) -> tuple[int, list[int] | None]:
+    """(kv_heads, layers) from --kv-heads/--layers or --budget/--sensitivity, all checked against the config."""
+    from ..compress.sensitivity import read_report, suggest_layers
+
+    if args.budget is not None or args.sensitivity is not None:
+        if args.budget is None or args.sensitivity is None:
+            raise ValueError(
+                "--budget and --sensitivity go together (the budget picks layers from the sensitivity file)."
+            )
+        if args.layers is not None:
+            raise ValueError("give either --layers or --budget/--sensitivity, not both.")
+        report = read_report(args.sensitivity)
+        if args.kv_heads is not None and args.kv_heads != report["kv_heads"]:
+            raise ValueError(
+                f"--kv-heads {args.kv_heads} differs from the sensitivity file's kv_heads {report['kv_heads']}."
+            )
+        check_kv_heads(report["kv_heads"], config)
+        return report["kv_heads"], suggest_layers(report, args.budget, config)
+    if args.kv_heads is None:
+        raise ValueError("--kv-heads is required (or --budget with --sensitivity).")
+    check_kv_heads(args.kv_heads, config)
+    layers = None if args.layers is None else parse_layers(args.layers, config.num_hidden_layers)
+    return args.kv_heads, layers
+
+
+def run(args) -> int:
+    from ..hub import save_folder
+
+    config = check_model_folder(args.model, mea_only=True, what="--model")
+    kv_heads, layers = _layers_from_args(args, config)
+    check_output_dir(args.out, args.overwrite, what="--out")
+    model, tokenizer = load_folder(args.model, args.dtype)
+    calib_blocks = None
+    if args.method == "calib":
+        calib_blocks = token_blocks(
+            tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
+        )
+    reduce_kv_heads(
+        model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps
+    )
+    base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
+    card = {
+        "how_made": describe_compression(str(args.model), args.method, kv_heads, layers, model.config),
+        "base_model": base_model,
+    }
+    save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)
+    print(f"saved MEA model caching {model.config.component_heads_per_layer} KV heads per layer to {args.out}")
+    return 0

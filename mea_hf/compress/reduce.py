@@ -1,0 +1,416 @@
+"""KV-head reduction ("virtual heads", arXiv 2601.19611 §5.2): cache fewer component heads, rebuild the h virtual
+heads with Head-level Linear Composition (HLC).
+
+Per layer, the virtual key head j is an affine map of the normed hidden state x:
+    K_j = sum_c HLC_k[c, j] (x W_c^T + b_c)            (RoPE commutes with head mixing, so it can be ignored)
+Stacking [W_j | b_j] of every virtual head as one column gives M, a ((D+1)*d) x h matrix (the bias is the weight on
+a constant input 1). Keeping h' < h component heads means writing M ~= A' HLC' with A' of rank h'.
+
+- `method="svd"` (the paper): SVD over the head axis, M = U S V^T; A' = U_h' (new component projections, bias
+  included), HLC' = S_h' V_h'^T. Data-free; the error ||M - A' HLC'||_F is sqrt(sum of the discarded s^2).
+- `method="calib"` (ours): make the layer's attention output on real calibration text match the original's.
+  1. Start: the best, by that output error, of the svd solution and the PCA of the keys/values the model actually
+     produces (G = sum over blocks, tokens and channels of K K^T, h x h, float64; E its top-h' eigenvectors;
+     A' = M E, HLC' = E^T: the rank-h' head mixing that best reconstructs the real keys/values).
+  2. Refine: `calib_steps` full-batch Adam steps on the new k/v projections and HLC matrices, minimising the mean
+     squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
+     layer on the same inputs; the best step is kept. So calib is never worse than svd on this objective.
+  Layers are processed in order, each on the hidden states of the already-compressed layers before it, so only
+  one layer's activations are held (7B-size models fit in modest memory; the refinement wants a GPU there).
+
+Exact and approximate:
+- h' = h reproduces the model exactly with both methods (orthogonal change of component basis); so does any h'
+  >= the rank of M (svd) or of the calibration keys (calib). Attention biases are handled exactly as part of M.
+- Values are always linear, so everything above holds for V.
+- `qk_norm` (Qwen3-style RMSNorm on each component key before RoPE) is not linear: mixing normalised components is
+  not normalising mixed keys. `svd` refuses to compress keys of such a model (its weight-space error bound would be
+  meaningless). `calib` approximates: its start builds each new component from the top eigen-directions of the
+  real (normalised) virtual keys, divides each old component's projection by its mean RMS so the new pre-norm
+  projection mirrors the normalised mix, and fits HLC' by least squares on the calibration keys; the refinement
+  then works on the true (normalised) model. Layers left at h' = h are not touched, so they stay exact.
+"""
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from ..modeling_mea import compose_heads, default_hlc
+
+METHODS = ("svd", "calib")
+CALIB_BATCH = 8
+CALIB_STEPS = 100
+CALIB_LR = 0.02  # Adam step size, as a fraction of each refined tensor's RMS
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Layer indices from "4-11", "0,3,5" or a mix ("0-2,7"); ranges are inclusive. Raises on bad or out-of-range."""
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                first, last = (int(value) for value in part.split("-"))
+                if first > last:
+                    raise ValueError
+                layers.update(range(first, last + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: expected indices like '4-11' or '0,3,5', got {part!r}.") from None
+    check_layers(sorted(layers), num_layers)
+    return sorted(layers)
+
+
+def check_layers(layers, num_layers: int) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layer index {bad or 'list (empty)'} out of range: the model has layers 0-{num_layers - 1}.")
+
+
+def _targets(config, num_component_heads, layers) -> dict[int, int]:
+    """{layer: new h'} for every layer to compress, after checking each against the model."""
+    num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    if isinstance(num_component_heads, (list, tuple)):
+        if layers is not None or len(num_component_heads) != num_layers:
+            raise ValueError(f"a per-layer num_component_heads needs {num_layers} entries and layers=None.")
+        targets = dict(enumerate(num_component_heads))
+    else:
+        layers = range(num_layers) if layers is None else sorted(set(layers))
+        check_layers(list(layers), num_layers)
+        targets = {layer: num_component_heads for layer in layers}
+    current = config.component_heads_per_layer
+    for layer, heads in targets.items():
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= kv_heads:
+            raise ValueError(
+                f"num_component_heads must be an integer from 1 to {kv_heads} (the KV heads), got {heads!r}."
+            )
+        if heads > current[layer]:
+            raise ValueError(f"layer {layer} already caches {current[layer]} heads; cannot grow it to {heads}.")
+    return targets
+
+
+def _hlc(attn, name: str) -> torch.Tensor:
+    """The layer's HLC matrix (h', h) in float64; identity when the model has none."""
+    hlc = getattr(attn, name)
+    if hlc is None:
+        return default_hlc(attn.num_kv_heads, attn.num_kv_heads).double()
+    return hlc.detach().double().cpu()
+
+
+def _component_rows(attn, which: str) -> torch.Tensor:
+    """(h', d, D+1) float64: [W_c | b_c] of every component head of keys ("k") or values ("v")."""
+    proj = attn.k_proj if which == "k" else attn.v_proj
+    heads, head_dim = attn.num_component_heads, attn.head_dim
+    weight = proj.weight.detach().double().cpu().view(heads, head_dim, -1)
+    bias = torch.zeros(heads, head_dim, dtype=torch.float64) if proj.bias is None else proj.bias.detach().double().cpu()
+    return torch.cat([weight, bias.view(heads, head_dim, 1)], dim=2)
+
+
+def effective_projection(attn, which: str) -> torch.Tensor:
+    """M: ((D+1)*d, h) float64, column j = [W_j | b_j] of virtual head j of keys ("k") or values ("v")."""
+    rows = _component_rows(attn, which)
+    return (_hlc(attn, f"hlc_{which}").t() @ rows.reshape(rows.shape[0], -1)).t()
+
+
+def virtual_keys_values(attn, normed_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The h virtual keys and values (batch, seq, h, d) of `attn` for normed hidden states, before RoPE (RoPE is
+    one rotation per position for all heads, so it changes no head-axis Gram matrix or mixing error)."""
+    shape = (*normed_hidden.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(normed_hidden).view(shape)
+    if attn.config.qk_norm:
+        keys = attn.k_norm(keys)
+    values = attn.v_proj(normed_hidden).view(shape)
+    return tuple(
+        compose_heads(components.transpose(1, 2), hlc).transpose(1, 2)
+        for components, hlc in ((keys, attn.hlc_k), (values, attn.hlc_v))
+    )
+
+
+def head_gram(heads: torch.Tensor) -> torch.Tensor:
+    """(h, h) float64 Gram matrix over the head axis of (batch, seq, h, d) heads, summed over batch, seq and d."""
+    flat = heads.double().transpose(-1, -2).reshape(-1, heads.shape[-2])
+    return flat.t() @ flat
+
+
+def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', HLC') with A' = U_r (orthonormal columns) and HLC' = S_r V_r^T: the best rank-r factorisation."""
+    left, singular, right_t = torch.linalg.svd(matrix, full_matrices=False)
+    return left[:, :rank], singular[:rank, None] * right_t[:rank]
+
+
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """(h, rank) orthonormal eigenvectors of a symmetric matrix, largest eigenvalues first."""
+    _, vectors = torch.linalg.eigh(gram)
+    return vectors.flip(-1)[:, :rank]
+
+
+def _set_projection(attn, which: str, augmented: torch.Tensor, hlc: torch.Tensor) -> None:
+    """Install A' ((D+1)*d, h') as the new k/v projection and HLC' (h', h) as the new HLC matrix."""
+    old = attn.k_proj if which == "k" else attn.v_proj
+    heads, head_dim = hlc.shape[0], attn.head_dim
+    rows = augmented.t().reshape(heads, head_dim, -1)  # (h', d, D+1)
+    new = nn.Linear(old.in_features, heads * head_dim, bias=old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(rows[..., :-1].reshape(heads * head_dim, -1))
+        if new.bias is not None:
+            new.bias.copy_(rows[..., -1].reshape(-1))
+    setattr(attn, f"{which}_proj", new)
+    setattr(attn, f"hlc_{which}", nn.Parameter(hlc.to(device=old.weight.device, dtype=old.weight.dtype)))
+
+
+def _enable_hlc(model) -> None:
+    """Give every layer explicit HLC matrices (identity where there were none), as h' < h requires."""
+    for which in ("k", "v"):
+        flag = "hlc_keys" if which == "k" else "hlc_values"
+        if not getattr(model.config, flag):
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                weight = attn.q_proj.weight
+                identity = default_hlc(attn.num_kv_heads, attn.num_kv_heads).to(weight.device, weight.dtype)
+                setattr(attn, f"hlc_{which}", nn.Parameter(identity))
+            setattr(model.config, flag, True)
+
+
+def _compress_layer_svd(attn, heads: int) -> None:
+    if attn.config.qk_norm:
+        return  # only reached with h' unchanged (see _refuse_svd_qk_norm): a basis change would not be exact
+    for which in ("k", "v"):
+        _set_projection(attn, which, *svd_factors(effective_projection(attn, which), heads))
+
+
+def _refuse_svd_qk_norm(config, targets: dict[int, int]) -> None:
+    current = config.component_heads_per_layer
+    if config.qk_norm and any(heads < current[layer] for layer, heads in targets.items()):
+        raise ValueError(
+            "method='svd' cannot compress the keys of a qk_norm model: each component key is RMS-normalised before "
+            "mixing, so a weight-space SVD does not describe the keys. Use method='calib' (fits the mix on real keys)."
+        )
+
+
+class _LayerStats:
+    """Head-axis statistics of one layer's virtual keys/values, accumulated over calibration batches."""
+
+    def __init__(self, attn):
+        self.attn = attn
+        self.gram = {"k": 0.0, "v": 0.0}
+        self.component_sq = 0.0  # qk_norm: mean squared pre-norm component key, per component
+        self.count = 0
+
+    def add(self, normed_hidden: torch.Tensor) -> None:
+        keys, values = virtual_keys_values(self.attn, normed_hidden)
+        self.gram["k"] = self.gram["k"] + head_gram(keys).cpu()
+        self.gram["v"] = self.gram["v"] + head_gram(values).cpu()
+        if self.attn.config.qk_norm:
+            raw = self.attn.k_proj(normed_hidden).double()
+            raw = raw.view(*raw.shape[:-1], self.attn.num_component_heads, -1)
+            self.component_sq = self.component_sq + raw.pow(2).mean(-1).sum((0, 1))
+            self.count += raw.shape[0] * raw.shape[1]
+
+
+def _install_pca(attn, heads: int, stats: _LayerStats) -> None:
+    """A' = M E, HLC' = E^T with E the top-h' eigenvectors of the real keys'/values' head Gram matrices."""
+    keep_k, keep_v = top_eigenvectors(stats.gram["k"], heads), top_eigenvectors(stats.gram["v"], heads)
+    _set_projection(attn, "v", effective_projection(attn, "v") @ keep_v, keep_v.t())
+    if not attn.config.qk_norm:
+        _set_projection(attn, "k", effective_projection(attn, "k") @ keep_k, keep_k.t())
+        return
+    # qk_norm: new pre-norm component c' mirrors sum_c (HLC E)[c, c'] n(x W_c) with n(x W_c) ~= x W_c / rms_c.
+    rms = (stats.component_sq / stats.count).sqrt().cpu()
+    scaled = _component_rows(attn, "k") / rms[:, None, None]
+    mix = _hlc(attn, "hlc_k") @ keep_k  # (old h', new h')
+    _set_projection(attn, "k", (mix.t() @ scaled.reshape(len(rms), -1)).t(), keep_k.t())
+
+
+def fit_key_hlc(attn, normed_batches) -> None:
+    """Least-squares HLC_k (h', h): composing the layer's current (normalised) component keys best matches the
+    target virtual keys; `normed_batches` yields (normed hidden states, target keys). Used for qk_norm layers."""
+    components_gram, cross = 0.0, 0.0
+    for normed, target in normed_batches:
+        keys = attn.k_norm(attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)).double()
+        flat_components = keys.transpose(-1, -2).reshape(-1, keys.shape[-2])
+        flat_target = target.double().transpose(-1, -2).reshape(-1, target.shape[-2])
+        components_gram = components_gram + flat_components.t() @ flat_components
+        cross = cross + flat_components.t() @ flat_target
+    eye = torch.eye(components_gram.shape[0], dtype=torch.float64, device=components_gram.device)
+    ridge = 1e-10 * components_gram.diagonal().mean() * eye
+    hlc = torch.linalg.solve(components_gram + ridge, cross)
+    with torch.no_grad():
+        attn.hlc_k.copy_(hlc.to(attn.hlc_k))
+
+
+def _layer_inputs(model, blocks: torch.Tensor):
+    """Embeddings of `blocks` in batches, with the position embeddings and causal mask the decoder layers need."""
+    inner = model.model
+    device = next(model.parameters()).device
+    for start in range(0, blocks.shape[0], CALIB_BATCH):
+        batch = blocks[start : start + CALIB_BATCH].to(device)
+        hidden = inner.embed_tokens(batch)
+        position_ids = torch.arange(batch.shape[1], device=device)[None]
+        mask = create_causal_mask(model.config, hidden, None, None, position_ids=position_ids)
+        yield hidden, {"attention_mask": mask, "position_ids": position_ids,
+                       "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids)}  # fmt: skip
+
+
+def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
+    if blocks is None or not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
+        raise ValueError(
+            "method='calib' needs calib_blocks: a non-empty LongTensor (n_blocks, block_size) of token ids."
+        )
+    if blocks.min() < 0 or blocks.max() >= vocab_size:
+        raise ValueError(f"calib_blocks hold token ids outside the model's vocabulary (0-{vocab_size - 1}).")
+    return blocks.long()
+
+
+def _attention_output(attn, normed: torch.Tensor, extras: dict) -> torch.Tensor:
+    """The attention sub-layer output (before the residual add) for normed hidden states."""
+    return attn(normed, position_embeddings=extras["position_embeddings"], attention_mask=extras["attention_mask"])[0]
+
+
+def attention_output_error(attn, inputs, targets) -> float:
+    """Sum of squared differences between `attn`'s outputs on `inputs` [(normed, extras)] and `targets`."""
+    return sum(
+        (_attention_output(attn, normed, extras).double() - target.double()).pow(2).sum().item()
+        for (normed, extras), target in zip(inputs, targets, strict=True)
+    )
+
+
+def _kv_tensors(attn) -> list[nn.Parameter]:
+    return [tensor for proj in (attn.k_proj, attn.v_proj) for tensor in proj.parameters()] + [attn.hlc_k, attn.hlc_v]
+
+
+def _pca_start(attn, heads: int, inputs) -> None:
+    """Install the PCA-of-real-keys/values start (qk_norm keys: normalised mix + least-squares HLC)."""
+    stats = _LayerStats(attn)
+    for normed, _ in inputs:
+        stats.add(normed)
+    key_targets = [virtual_keys_values(attn, normed)[0] for normed, _ in inputs] if attn.config.qk_norm else None
+    _install_pca(attn, heads, stats)
+    if attn.config.qk_norm:
+        fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
+
+
+def _refine(attn, inputs, targets, steps: int) -> None:
+    """Adam on the k/v projections and HLC matrices against the original attention output; keeps the best step."""
+    tensors = _kv_tensors(attn)
+    frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    groups = [{"params": [t], "lr": CALIB_LR * t.detach().float().pow(2).mean().sqrt().item()} for t in tensors]
+    optimizer = torch.optim.Adam(groups)
+    best_error, best = float("inf"), None
+    with torch.enable_grad():
+        for _ in range(steps + 1):  # the last pass only measures the last update
+            optimizer.zero_grad()
+            error = 0.0
+            for (normed, extras), target in zip(inputs, targets, strict=True):
+                batch_error = (_attention_output(attn, normed, extras).float() - target.float()).pow(2).sum()
+                batch_error.backward()
+                error += batch_error.item()
+            if error < best_error:
+                best_error, best = error, [t.detach().clone() for t in tensors]
+            optimizer.step()
+    with torch.no_grad():
+        for tensor, value in zip(tensors, best, strict=True):
+            tensor.copy_(value)
+            tensor.grad = None
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+
+
+def _calibrate_layer(layer, heads: int, batches, steps: int) -> None:
+    """Compress one layer by calibration (module docstring): best start of svd and PCA, then refinement."""
+    attn = layer.self_attn
+    inputs = [(layer.input_layernorm(hidden), extras) for hidden, extras in batches]
+    targets = [_attention_output(attn, normed, extras) for normed, extras in inputs]
+    original = {name: getattr(attn, name) for name in ("k_proj", "v_proj", "hlc_k", "hlc_v")}
+    _pca_start(attn, heads, inputs)
+    if not attn.config.qk_norm:
+        pca = {name: getattr(attn, name) for name in original}
+        pca_error = attention_output_error(attn, inputs, targets)
+        for name, module in original.items():
+            setattr(attn, name, module)
+        _compress_layer_svd(attn, heads)
+        if pca_error < attention_output_error(attn, inputs, targets):
+            for name, module in pca.items():
+                setattr(attn, name, module)
+    if steps > 0:
+        _refine(attn, inputs, targets, steps)
+
+
+def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int) -> None:
+    """Layer by layer, on the hidden states produced by the already-compressed earlier layers."""
+    batches = list(_layer_inputs(model, blocks))
+    for index, layer in enumerate(model.model.layers[: max(targets) + 1]):
+        if index in targets and targets[index] < layer.self_attn.num_component_heads:
+            _calibrate_layer(layer, targets[index], batches, steps)
+            _set_heads(model, index, targets[index])
+        batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
+
+
+def _set_heads(model, layer: int, heads: int) -> None:
+    model.model.layers[layer].self_attn.num_component_heads = heads
+    per_layer = model.config.component_heads_per_layer
+    per_layer[layer] = heads
+    model.config.num_component_heads = per_layer[0] if len(set(per_layer)) == 1 else per_layer
+
+
+@torch.no_grad()
+def reduce_kv_heads(
+    model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS
+):
+    """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
+
+    num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
+    list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
+    `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
+    layer). Layers not named keep their heads and weights;
+    a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
+    """
+    if getattr(model.config, "model_type", None) != "mea":
+        raise ValueError(
+            f"reduce_kv_heads needs an MEA model, got model_type {model.config.model_type!r}; convert first."
+        )
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    targets = _targets(model.config, num_component_heads, layers)
+    if method == "calib":
+        calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
+        if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 0:
+            raise ValueError(f"calib_steps must be a non-negative integer, got {calib_steps!r}.")
+    if method == "svd":
+        _refuse_svd_qk_norm(model.config, targets)
+    was_training = model.training
+    model.eval()
+    _enable_hlc(model)
+    if method == "svd":
+        for index, heads in targets.items():
+            _compress_layer_svd(model.model.layers[index].self_attn, heads)
+            _set_heads(model, index, heads)
+    else:
+        _compress_calib(model, targets, calib_blocks, calib_steps)
+    model.train(was_training)
+    return model
+
+
+__all__ = [
+    "CALIB_STEPS",
+    "METHODS",
+    "attention_output_error",
+    "effective_projection",
+    "parse_layers",
+    "reduce_kv_heads",
+    "virtual_keys_values",
+]
+
+
+def describe_compression(source_name: str, method: str, kv_heads: int, layers, config) -> str:
+    """Model-card provenance line of a compressed model (`config` is the compressed model's)."""
+    from ..memory import kv_fraction
+
+    where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
+    return (
+        f"Compressed from `{source_name}` with `mea compress --method {method}`: {where} reduced to {kv_heads} cached "
+        f"KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
+        "the uncompressed model's. Continue training (`mea train --init-from FOLDER`) to recover the loss."
+    )

@@ -1,0 +1,288 @@
+"""`mea train`: pretrain (or continue training) an MEA or Llama model with one `accelerate` loop.
+
+The same code runs on a laptop CPU, one GPU, or many GPUs/nodes (DDP, FSDP, DeepSpeed) under `accelerate launch`
+(see `configs/accelerate/`). Recipe: AdamW (decay on weight matrices only, see `optim.py`), linear warmup then
+cosine to `min_lr_ratio` or warmup-stable-decay, gradient accumulation and clipping, optional bf16 autocast and
+gradient checkpointing, periodic validation loss, checkpoints every `save_every` steps with exact resume, a JSONL
+metrics log, a loss-curve PNG and a final Hub-ready folder (weights, tokenizer, model card).
+
+`train()` is three steps: `_setup` (accelerator, data, model, optimiser, resume), `_loop` (optimizer steps) and
+`_finish` (final evaluation, summary, outputs). Output folder layout (`out`):
+    metrics.jsonl            one JSON record per optimizer step ("loss") and per evaluation ("val_loss")
+    checkpoints/step-N/      accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+    loss_curve.png           training and validation loss against step
+    final/                   the trained model, loadable with AutoModelForCausalLM (MEA: trust_remote_code works too)
+    summary.json             what `train()` returns
+"""
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..utils.atomic import atomic_write_json
+from .checkpoints import (
+    MetricsLog,
+    checkpoint_dirs,
+    load_checkpoint,
+    plot_loss_curve,
+    remove_interrupted_saves,
+    save_checkpoint,
+)
+from .models import load_initial_model, load_tokenizer
+from .optim import optimizer_and_scheduler
+from .settings import TrainSettings
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything `_setup` prepares for the loop; `state` is what checkpoints save and resume restores."""
+
+    settings: TrainSettings
+    out: Path
+    accelerator: object
+    emit: Callable
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: object
+    val_blocks: torch.Tensor
+    state: dict
+    log: MetricsLog
+
+    def evaluate(self) -> float:
+        """Validation loss now (inf if it overflows); logged, and tracked as the best so far."""
+        from ..evaluation.loss import mean_token_loss
+
+        try:
+            val_loss = mean_token_loss(self.model, self.val_blocks, batch_size=self.settings.batch_size)
+        except FloatingPointError:
+            val_loss = float("inf")
+        self.state["best_val_loss"] = min(self.state["best_val_loss"], val_loss)
+        self.log.write(step=self.state["step"], val_loss=val_loss)
+        return val_loss
+
+
+def train(settings: "dict | TrainSettings", on_event: Callable | None = None) -> dict:
+    """Run one training job (see the module docstring); returns the summary dict also written to summary.json.
+
+    `settings` is a `TrainSettings` or a dict of its fields (validated). `on_event(event, **info)` is an optional
+    Python hook called with "batch" (input_ids of each micro-batch), "step" (after each optimizer step),
+    "checkpoint_saving" (state written, not yet renamed) and "end" (model).
+    """
+    run = _setup(TrainSettings.from_dict(settings), on_event)
+    val_loss, diverged = _loop(run)
+    return _finish(run, val_loss, diverged)
+
+
+def _accelerator(s: TrainSettings):
+    """A fresh Accelerator for this run, checked against the launcher's process count."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+    # accelerate keeps one process-wide AcceleratorState; forget the previous job's (mixed precision, accumulation)
+    # so that several jobs can run in one Python process. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        # Without any accelerator device, processes started by `accelerate launch --multi_gpu` or torchrun train on
+        # CPU over gloo (accelerate's MULTI_CPU) instead of each running alone.
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision="bf16" if s.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=s.grad_accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=s.seed),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
+                           "each would train alone and write the same output folder. Check the launcher's "
+                           "distributed settings.")  # fmt: skip
+    return accelerator
+
+
+def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
+    """Accelerator, output folder, tokenizer and token blocks, model, optimiser and schedule; resumed if asked."""
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ..data.loading import cached_blocks
+
+    out = Path(s.out)
+    accelerator = _accelerator(s)
+    world = accelerator.num_processes
+
+    def emit(event: str, **info) -> None:
+        if on_event is not None:
+            on_event(event, rank=accelerator.process_index, num_processes=world, **info)
+
+    checkpoint = checkpoint_dirs(out)[-1] if s.resume and checkpoint_dirs(out) else None
+    if checkpoint is None and ((out / "metrics.jsonl").exists() or (out / "final").exists()):
+        raise FileExistsError(
+            f"output folder {out} already holds a run; pass resume to continue it or choose another out."
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_saves(out)
+
+    set_seed(s.seed)
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(s)
+        train_blocks = cached_blocks(tokenizer, s.data, "train", s.block_size, s.cache_dir)
+        val_blocks = cached_blocks(tokenizer, s.data, "validation", s.block_size, s.cache_dir)[: s.eval_blocks]
+    if len(train_blocks) < s.batch_size * world:
+        raise ValueError(f"the training data has {len(train_blocks)} blocks of {s.block_size} tokens, fewer than "
+                         f"one batch ({s.batch_size} x {world} processes); lower batch_size or block_size.")  # fmt: skip
+    model = load_initial_model(s, tokenizer)
+    if s.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    optimizer, scheduler = optimizer_and_scheduler(model, s, accelerator.device)
+    loader = DataLoader(TensorDataset(train_blocks), batch_size=s.batch_size, shuffle=True, drop_last=True)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    state = {"step": 0, "tokens_seen": 0, "initial_val_loss": None, "best_val_loss": float("inf"),
+             "train_seconds": 0.0, "num_processes": world}  # fmt: skip
+    if checkpoint is not None:
+        state.update(load_checkpoint(accelerator, checkpoint, world))
+    log = MetricsLog(out, accelerator.is_main_process, state["step"] if checkpoint is not None else None)
+    return _Run(s, out, accelerator, emit, tokenizer, model, optimizer, scheduler, loader, val_blocks, state, log)
+
+
+def _micro_batches(accelerator, loader, start: int):
+    """Endless micro-batches from number `start` on: epoch e is the seeded permutation number e, and the batches a
+    resumed run already consumed are skipped without being loaded."""
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def _optimizer_step(run: _Run, batches) -> tuple[float, float | None]:
+    """One optimizer step over `grad_accum` micro-batches: (mean loss over all processes, gradient norm)."""
+    s, accelerator, model = run.settings, run.accelerator, run.model
+    losses, grad_norm = [], None
+    for _ in range(s.grad_accum):
+        input_ids = next(batches)[0].long()  # blocks are stored as int32
+        run.emit("batch", step=run.state["step"], input_ids=input_ids)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            accelerator.backward(loss)
+            losses.append(loss.detach().float())
+            if accelerator.sync_gradients:
+                if s.grad_clip > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), s.grad_clip))
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad()
+    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(), grad_norm
+
+
+def _loop(run: _Run) -> tuple[float | None, bool]:
+    """Optimizer steps up to `max_steps` with evaluation and checkpoints; (last validation loss, diverged)."""
+    from tqdm.auto import tqdm
+
+    s, state = run.settings, run.state
+    if state["initial_val_loss"] is None:
+        state["initial_val_loss"] = run.evaluate()
+    tokens_per_step = s.block_size * s.batch_size * s.grad_accum * run.accelerator.num_processes
+    batches = _micro_batches(run.accelerator, run.loader, state["step"] * s.grad_accum)
+    show = run.accelerator.is_main_process and s.progress
+    progress = tqdm(total=s.max_steps, initial=state["step"], disable=not show, desc=f"train {run.out.name}")
+    val_loss = None
+    run.model.train()
+    while state["step"] < s.max_steps:
+        started, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
+        loss, grad_norm = _optimizer_step(run, batches)
+        state["step"] += 1
+        state["tokens_seen"] += tokens_per_step
+        state["train_seconds"] += time.perf_counter() - started
+        run.log.write(step=state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens_seen"])
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        run.emit("step", step=state["step"], loss=loss)
+        if not math.isfinite(loss):
+            progress.close()
+            return None, True
+        val_loss = None
+        if state["step"] % s.eval_every == 0 or state["step"] == s.max_steps:
+            val_loss = run.evaluate()
+        if state["step"] % s.save_every == 0:
+            save_checkpoint(run.accelerator, run.out, state["step"], state, s.keep_checkpoints, run.emit)
+    progress.close()
+    return val_loss, False
+
+
+def _final_model(run: _Run):
+    """The trained model as a plain (unsharded, unwrapped) module on the main process."""
+    from accelerate.utils import DistributedType
+
+    accelerator = run.accelerator
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(run.model)
+    state_dict = accelerator.get_state_dict(run.model)  # gathers the shards; every process must call it
+    if not accelerator.is_main_process:
+        return None
+    full = load_initial_model(run.settings, run.tokenizer)
+    full.load_state_dict(state_dict)
+    return full
+
+
+def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:
+    """Final evaluation and summary; the main process writes final/, loss_curve.png and summary.json."""
+    s, state = run.settings, run.state
+    if val_loss is None:
+        val_loss = run.evaluate()
+    diverged = diverged or not math.isfinite(val_loss) or val_loss >= state["initial_val_loss"]
+    summary = {
+        "out_dir": str(run.out),
+        "final_dir": str(run.out / "final"),
+        "model": s.init_from or s.model,
+        "final_val_loss": val_loss,
+        "best_val_loss": state["best_val_loss"],
+        "initial_val_loss": state["initial_val_loss"],
+        "diverged": diverged,
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else 0.0,
+        "num_processes": run.accelerator.num_processes,
+    }
+    final_model = _final_model(run)
+    run.emit("end", model=final_model)
+    if run.accelerator.is_main_process:
+        _write_outputs(run.out, final_model, run.tokenizer, s, summary)
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def _write_outputs(out: Path, model, tokenizer, s: TrainSettings, summary: dict) -> None:
+    """final/ (Hub-ready, with tokenizer and model card), loss_curve.png and summary.json."""
+    from ..hub import save_folder
+
+    model.config.use_cache = True  # training ran without a cache; the saved model generates with one
+    model.generation_config.use_cache = True
+    results = {name: summary[key] for name, key in
+               (("final validation loss", "final_val_loss"), ("best validation loss", "best_val_loss"),
+                ("tokens seen", "tokens_seen"))}  # fmt: skip
+    card = {"how_made": _how_made(s, summary["tokens_seen"], summary["num_processes"]), "results": results}
+    save_folder(model, out / "final", tokenizer=tokenizer, card=card, overwrite=True)
+    plot_loss_curve(out)
+    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()}
+    atomic_write_json(out / "summary.json", finite)
+
+
+def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
+    source = s.init_from or f"`{s.model}` (from scratch)"
+    return (
+        f"Trained with `mea train` (mea-hf, accelerate, {num_processes} process(es)) from {source} on data "
+        f"`{s.data}`: {tokens_seen:,} tokens, block size {s.block_size}, AdamW lr {s.lr:g} "
+        f"(weight decay {s.weight_decay:g}), {s.schedule} schedule with {s.warmup_steps} "
+        f"warmup steps to {s.min_lr_ratio:g} x lr, {s.max_steps} steps, seed {s.seed}."
+    )

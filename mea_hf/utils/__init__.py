@@ -1,0 +1,1 @@
+"""Small helpers shared by every level: atomic writes, plots, Markdown tables."""
