@@ -135,7 +135,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=float, default=None, help="examples per task (int) or a fraction (< 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--kv-decode", choices=("reconstruct", "absorb"), default=None, help="MEA decode path")
+    parser.add_argument("--kv-decode", choices=("auto", "reconstruct", "absorb"), default=None, help="MEA decode path")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--update-card", action="store_true", help="add the headline scores to the folder's README.md")
 

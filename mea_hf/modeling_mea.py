@@ -438,6 +438,8 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         `"static"` with `cache_config={"backend": "mea-int8"}` gives `MEAStaticQuantizedCache` (`int8_cache_options`).
         A user-supplied cache is kept as it is (`claim_cache` refuses a wrong one)."""
         int8 = int8_cache_options(generation_config)
+        if int8 is not None and model_kwargs.get(CACHE_ARG) is not None and generation_config.is_assistant:
+            return  # a draft model's own cache, handed back on its next call (5.23 keeps cache_implementation set)
         if int8 is not None and generation_config.cache_implementation == "quantized":
             if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
                 model_kwargs[CACHE_ARG] = MEAQuantizedCache(self.config, **int8)

@@ -126,6 +126,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     uncached = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
                               use_cache=False)
+    int8 = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          cache_implementation="quantized", return_dict_in_generate=True)
+    int8_cache = int8.past_key_values  # deprecated alias of 5.24's `cache`, kept there
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batch = model.generate_batch(inputs=input_ids.tolist(), generation_config=config)  # continuous batching
     batch_tokens = [out.generated_tokens for out in sorted(batch.values(), key=lambda out: out.request_id)]
@@ -145,6 +148,8 @@ REMOTE_SCRIPT = textwrap.dedent(
             "logits": logits,
             "generated": generated,
             "uncached": uncached,
+            "int8": int8.sequences,
+            "int8_cache": f"{type(int8_cache).__module__}.{type(int8_cache).__name__}",
             "batch_tokens": batch_tokens,
             "bf16_dtype": str(bf16_logits.dtype),
             "bf16_finite": bool(torch.isfinite(bf16_logits).all()),
@@ -172,6 +177,10 @@ def test_trust_remote_code_in_a_python_without_mea_hf(saved, tmp_path):
     assert torch.equal(out["logits"], logits)
     assert torch.equal(out["generated"], greedy(model))
     assert torch.equal(out["generated"], out["uncached"])  # the remote code decodes right over its cache
+    int8_cache = "MEAQuantizedCache"  # the int8 cache travels with the folder's code (cache_mea.py)
+    assert out["int8_cache"].startswith("transformers_modules.") and out["int8_cache"].endswith(int8_cache)
+    int8 = model.generate(INPUT_IDS, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="quantized")
+    assert torch.equal(out["int8"], int8)
     assert out["batch_tokens"] == out["generated"][:, INPUT_IDS.shape[1] :].tolist()
     assert out["bf16_dtype"] == "torch.bfloat16" and out["bf16_finite"]
     resaved = tmp_path / "resaved"
