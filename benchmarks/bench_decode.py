@@ -1,16 +1,19 @@
-"""Decode benchmark: plain Llama (DynamicCache) vs MEA uncompressed vs MEA with h' = h/2 (reconstruct and absorb).
+"""Decode benchmark: plain Llama (DynamicCache) vs MEA at h' = h, h/2, h/4 over each decode path and the int8 cache.
 
-For each context length, every model prefills the same random context (in chunks, `mea_hf.speed.prefill`), then:
-- decode speed: greedy single-token steps over the model's default cache (`mea_hf.speed.time_decode`); the rows take
+For each context length, every model prefills the same random context (in chunks, `mea_hf.evaluation.speed.prefill`), then:
+- decode speed: greedy single-token steps over the model's default cache (`mea_hf.evaluation.speed.time_decode`); the rows take
   turns (`--repeats` rounds, order rotated each round, the cache cropped back after each) in one process, so load
   from other processes hits them alike; the median tokens/s is reported;
-- KV bytes: the bytes the cache holds after the context (`mea_hf.memory.cache_nbytes`);
+- KV bytes: the bytes the cache holds after the context (`mea_hf.memory.cache_nbytes`; int8 scales included);
+- bytes-read limit: decode is bound by the bytes read per step, weights (all but the input embedding) + KV cache, so
+  (Llama weights + Llama KV) / (row weights + row KV) is the speed-up a row can reach; "share" is how much it does;
 - peak memory: each row again in a fresh subprocess (prefill + the same decode steps); the peak resident set size
   (Linux VmHWM, reset through /proc/self/clear_refs once the model is built) is reported, and its growth over the
   resident size after model construction, which is what generation itself adds (cache + transients).
 Everything is reported as a ratio to the Llama row of the same run (JSON, PNG plot, Markdown table).
 
     python benchmarks/bench_decode.py --out runs/bench_decode
+    python benchmarks/bench_decode.py --contexts 2048 8192 --rows mea_auto mea_half_auto mea_half_int8   # a subset
 """
 
 import argparse
@@ -26,17 +29,23 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mea_hf.cache_mea import MEAQuantizedCache
 from mea_hf.configuration_mea import MEAConfig
 from mea_hf.evaluation.speed import prefill, time_decode
 from mea_hf.memory import cache_nbytes
 from mea_hf.modeling_mea import MEAForCausalLM
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 
-ROWS = {  # name -> (label, MEA fields or None for Llama)
+ROWS = {  # name -> (label, MEA fields or None for Llama); "heads": h' as a fraction of h; "int8": MEAQuantizedCache
     "llama": ("Llama, DynamicCache", None),
-    "mea": ("MEA h'=h (reconstruct)", {"kv_decode": "reconstruct"}),
-    "mea_half_reconstruct": ("MEA h'=h/2, reconstruct", {"half": True, "kv_decode": "reconstruct"}),
-    "mea_half_absorb": ("MEA h'=h/2, absorb", {"half": True, "kv_decode": "absorb"}),
+    "mea": ("MEA h'=h, reconstruct", {"heads": 1, "kv_decode": "reconstruct"}),
+    "mea_auto": ("MEA h'=h, auto", {"heads": 1, "kv_decode": "auto"}),
+    "mea_half_reconstruct": ("MEA h'=h/2, reconstruct", {"heads": 2, "kv_decode": "reconstruct"}),
+    "mea_half_absorb": ("MEA h'=h/2, absorb", {"heads": 2, "kv_decode": "absorb"}),
+    "mea_half_auto": ("MEA h'=h/2, auto", {"heads": 2, "kv_decode": "auto"}),
+    "mea_quarter_auto": ("MEA h'=h/4, auto", {"heads": 4, "kv_decode": "auto"}),
+    "mea_half_int8": ("MEA h'=h/2, auto, int8", {"heads": 2, "kv_decode": "auto", "int8": True}),
+    "mea_quarter_int8": ("MEA h'=h/4, auto, int8", {"heads": 4, "kv_decode": "auto", "int8": True}),
 }
 MIB = 2**20
 
@@ -62,12 +71,17 @@ def parse_args(argv=None):
         "OpenMP threads, and the timing measures the scheduler rather than the model)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
+                        help="rows to run (llama is always run: every ratio is against it)")  # fmt: skip
     parser.add_argument("--memory-row", choices=list(ROWS), help=argparse.SUPPRESS)  # internal: one subprocess row
     parser.add_argument("--memory-context", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
-    if args.heads % args.kv_heads or args.kv_heads < 2 or args.kv_heads % 2:
-        raise ValueError(f"--kv-heads must be even, >= 2 and divide --heads ({args.heads}), got {args.kv_heads}.")
+    args.rows = ["llama"] + [row for row in args.rows if row != "llama"]
+    divisor = max(ROWS[row][1]["heads"] for row in args.rows[1:]) if len(args.rows) > 1 else 1
+    if args.heads % args.kv_heads or args.kv_heads % divisor:
+        raise ValueError(f"--kv-heads must divide --heads ({args.heads}) and be a multiple of {divisor} (for the "
+                         f"h/{divisor} rows), got {args.kv_heads}.")  # fmt: skip
     if min(args.contexts) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.threads < 1:
         raise ValueError("--contexts, --new-tokens, --repeats and --threads must be positive.")
     return args
@@ -85,11 +99,24 @@ def build(row: str, args):
     if fields is None:
         model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation=args.attn))
     else:
-        heads = args.kv_heads // 2 if fields.get("half") else args.kv_heads
+        heads = args.kv_heads // fields["heads"]
         config = MEAConfig(**dims, num_component_heads=heads, kv_decode=fields["kv_decode"])
         config._attn_implementation = args.attn
         model = MEAForCausalLM(config)
     return model.to(getattr(torch, args.dtype)).eval()
+
+
+def empty_cache(row: str, model):
+    """The cache a row decodes over: the model's default one (None), or the int8 cache for int8 rows."""
+    fields = ROWS[row][1]
+    return MEAQuantizedCache(model.config) if fields and fields.get("int8") else None
+
+
+def weight_bytes(model) -> int:
+    """Parameter bytes one decode step reads: everything but the input embedding table (one row is read)."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or tied)
 
 
 def process_memory() -> tuple[int, int]:
@@ -103,7 +130,8 @@ def measure_memory(row: str, context: int, args) -> dict:
     model = build(row, args)
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
     rss_before, _ = process_memory()
-    cache, next_tokens = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed)
+    cache, next_tokens = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
+                                 cache=empty_cache(row, model))  # fmt: skip
     time_decode(model, cache, next_tokens, args.new_tokens)
     _, peak = process_memory()
     return {"peak_rss": peak, "peak_growth": peak - rss_before, "rss_after_build": rss_before}
@@ -121,8 +149,10 @@ def measure_speed(models: dict, context: int, args, progress) -> dict:
     """Prefill every model, then time the rows in turns; returns per-row tokens/s of every round and KV bytes."""
     states, results = {}, {}
     for row, model in models.items():
-        states[row] = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed)
-        results[row] = {"kv_bytes": cache_nbytes(states[row][0]), "rounds_tokens_per_s": []}
+        states[row] = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
+                              cache=empty_cache(row, model))  # fmt: skip
+        results[row] = {"kv_bytes": cache_nbytes(states[row][0]), "weight_bytes": weight_bytes(model),
+                        "rounds_tokens_per_s": []}  # fmt: skip
         time_decode(model, *states[row], 1)  # warm-up step
         states[row][0].crop(-1)
         progress.update(1)
@@ -145,19 +175,23 @@ def add_ratios(results: dict) -> None:
         for row in per_context.values():
             for key in ("tokens_per_s", "kv_bytes", "peak_rss", "peak_growth"):
                 row[f"{key}_vs_llama"] = row[key] / base[key]
+            # Decode is bound by bytes read per step (weights + KV): the speed-up that byte count allows, and the
+            # share of it reached.
+            row["bytes_limit_vs_llama"] = (base["weight_bytes"] + base["kv_bytes"]) / (row["weight_bytes"] + row["kv_bytes"])
+            row["share_of_bytes_limit"] = row["tokens_per_s_vs_llama"] / row["bytes_limit_vs_llama"]
 
 
 def markdown_table(results: dict) -> str:
     lines = [
-        "| context | model | decode tok/s | × Llama | KV cache MiB | × Llama | peak RSS MiB | × Llama "
-        "| peak growth MiB | × Llama |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | model | decode tok/s | × Llama | bytes-read limit × Llama | share of limit | KV cache MiB "
+        "| × Llama | peak RSS MiB | × Llama | peak growth MiB | × Llama |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for context, per_context in results.items():
         for row, r in per_context.items():
             lines.append(
                 f"| {context} | {ROWS[row][0]} | {r['tokens_per_s']:.2f} | {r['tokens_per_s_vs_llama']:.2f} "
-                f"| {r['kv_bytes'] / MIB:.1f} | {r['kv_bytes_vs_llama']:.2f} | {r['peak_rss'] / MIB:.0f} "
+                f"| {r['bytes_limit_vs_llama']:.2f} | {r['share_of_bytes_limit']:.2f} | {r['kv_bytes'] / MIB:.1f} | {r['kv_bytes_vs_llama']:.2f} | {r['peak_rss'] / MIB:.0f} "
                 f"| {r['peak_rss_vs_llama']:.2f} | {r['peak_growth'] / MIB:.0f} | {r['peak_growth_vs_llama']:.2f} |"
             )
     return "\n".join(lines)
@@ -171,8 +205,8 @@ def plot(results: dict, path: Path) -> None:
               ("peak_growth_vs_llama", "peak memory growth")]  # fmt: skip
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for axis, (key, title) in zip(axes, panels):
-        for row, (label, _) in ROWS.items():
-            axis.plot(contexts, [results[str(c)][row][key] for c in contexts], marker="o", label=label)
+        for row in results[str(contexts[0])]:
+            axis.plot(contexts, [results[str(c)][row][key] for c in contexts], marker="o", label=ROWS[row][0])
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xticks(contexts, [str(c) for c in contexts])
@@ -191,14 +225,14 @@ def main(argv=None) -> int:
         print(json.dumps(measure_memory(args.memory_row, args.memory_context, args)))
         return 0
     started, load_before = time.time(), os.getloadavg()
-    models = {row: build(row, args) for row in ROWS}
+    models = {row: build(row, args) for row in args.rows}
     results = {}
-    steps = len(args.contexts) * len(ROWS) * (args.repeats + 2)
+    steps = len(args.contexts) * len(models) * (args.repeats + 2)
     with tqdm(total=steps, desc="bench_decode") as progress:
         for context in args.contexts:
             progress.set_postfix(context=context)
             per_context = measure_speed(models, context, args, progress)
-            for row in ROWS:
+            for row in models:
                 per_context[row].update(memory_in_subprocess(row, context, argv))
                 progress.update(1)
             results[str(context)] = per_context

@@ -10,7 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .cache_mea import MEACache, MEAStaticCache, cache_nbytes
+from .cache_mea import MEACache, MEAQuantizedCache, MEAStaticCache, MEAStaticQuantizedCache, cache_nbytes
 from .configuration_mea import MEAConfig
 from .modeling_mea import MEAForCausalLM, MEAForSequenceClassification, MEAModel, MEAPreTrainedModel
 
@@ -36,5 +36,7 @@ __all__ = [
     "MEAModel",
     "MEAPreTrainedModel",
     "MEAStaticCache",
+    "MEAQuantizedCache",
+    "MEAStaticQuantizedCache",
     "cache_nbytes",
 ]

@@ -17,7 +17,7 @@ import inspect
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 
@@ -63,6 +63,10 @@ class _ComponentHeadsLayer:
         self.head_dim = head_dim
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_heads(key_states, value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _check_heads(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         expected = (self.num_component_heads, self.head_dim)
         for name, states in (("keys", key_states), ("values", value_states)):
             got = (states.shape[1], states.shape[-1])
@@ -72,7 +76,6 @@ class _ComponentHeadsLayer:
                     f"{name} with {got[0]} heads of dim {got[1]}. The cache was built for another config: build it "
                     "with `MEACache(config=model.config)` for this model."
                 )
-        return super().update(key_states, value_states, *args, **kwargs)
 
 
 class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
@@ -90,9 +93,19 @@ def _component_heads(config) -> list[int]:
     return list(heads)
 
 
-def cache_signature(config) -> tuple[int, tuple[int, ...]]:
-    """What a cache's contents depend on: the head dim and every layer's number of component heads."""
-    return config.head_dim, tuple(_component_heads(config))
+def stores_composed_heads(config) -> list[bool]:
+    """Per layer: does its cache hold composed (virtual) heads rather than components? True where `kv_decode` is
+    "auto" and h' = h: HLC is applied once as tokens enter the cache (exact, as RoPE commutes with head mixing), and
+    decoding is plain attention over the stored heads. Same shape as components, so the signature records it."""
+    auto = getattr(config, "kv_decode", None) == "auto"
+    return [auto and heads == config.num_key_value_heads for heads in _component_heads(config)]
+
+
+def cache_signature(config) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
+    """What a cache's contents depend on: the head dim, every layer's number of cached heads, and whether each layer
+    stores component or composed heads (see `stores_composed_heads`)."""
+    kinds = tuple("composed" if composed else "components" for composed in stores_composed_heads(config))
+    return config.head_dim, tuple(_component_heads(config)), kinds
 
 
 def claim_cache(cache: Cache, config) -> None:
@@ -109,12 +122,23 @@ def claim_cache(cache: Cache, config) -> None:
     signature = getattr(cache, "mea_signature", None)
     if signature == expected:
         return
+    holds_states = any(getattr(layer, "is_initialized", False) for layer in cache.layers)
+    if signature is not None and signature[:2] == expected[:2]:
+        if not holds_states:  # an empty cache built before `kv_decode` changed: nothing stored yet, re-tag it
+            cache.mea_signature = expected
+            return
+        raise ValueError(
+            f"This cache holds per-layer {list(signature[2])} heads, but the model (kv_decode={config.kv_decode!r}) "
+            f"reads {list(expected[2])}: it was filled under another `kv_decode` (allowed values keep their storage: "
+            "'auto' stores composed heads where h' = h, 'reconstruct'/'absorb' store components). Keep kv_decode "
+            "fixed while a cache is in use, or start from an empty cache."
+        )
     if signature is not None:
         raise ValueError(
-            f"This cache was built for an MEA config with head_dim and component heads per layer {signature}, but the "
-            f"model has {expected}. Build the cache with `MEACache(config=model.config)` for this model."
+            f"This cache was built for an MEA config with head_dim and component heads per layer {signature[:2]}, "
+            f"but the model has {expected[:2]}. Build the cache with `MEACache(config=model.config)` for this model."
         )
-    if any(getattr(layer, "is_initialized", False) for layer in cache.layers):
+    if holds_states:
         raise ValueError(
             f"This {type(cache).__name__} already holds keys/values written by a model that is not this MEA model "
             "(e.g. a Llama model), which are not component heads. Pass an empty cache or "
@@ -142,10 +166,305 @@ class MEAStaticCache(StaticCache):
         self.mea_signature = cache_signature(config)
 
 
+
+# ---- int8 cache --------------------------------------------------------------------------------------------------
+INT8_BACKEND = "mea-int8"
+INT8_NBITS = (8,)  # bit widths the MEA quantized cache supports
+INT8_CACHE_OPTIONS = ("backend", "nbits", "residual_length")  # the `cache_config` keys it reads
+INT8_SCALE_DTYPE = torch.float16  # one scale per token and head: 2 bytes next to head_dim int8 payload bytes
+_SCALE_RANGE = (torch.finfo(INT8_SCALE_DTYPE).tiny, torch.finfo(INT8_SCALE_DTYPE).max)
+_QUANTIZED = ("qkeys", "kscale", "qvalues", "vscale")  # int8 payload and float16 scales, keys then values
+_GROWTH = 256  # dynamic int8 storage grows by this many tokens at a time (amortised appends, no copy per step)
+
+
+def quantize_int8(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per token and head: (..., d) -> int8 (..., d) and float16 scales (..., 1), such that
+    `states ~= q * scale` with |error| <= scale / 2 (the scale is rounded to float16 before dividing)."""
+    x = states.detach().float()  # the cache stores data, never a graph
+    scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(*_SCALE_RANGE).to(INT8_SCALE_DTYPE)
+    return torch.round(x / scale.float()).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out=None) -> torch.Tensor:
+    """`q * scale` in `dtype` (into `out` if given): one pass over the int8 payload."""
+    return torch.mul(q, scale.to(dtype), out=out)
+
+
+def int8_cache_options(generation_config) -> dict | None:
+    """The MEA int8 cache a generation config asks for, as `MEAQuantizedCache` keyword arguments, or None.
+
+    Asked for by `cache_implementation="quantized"` (transformers' convention) with `cache_config` backend
+    "mea-int8" or no backend, or by `cache_implementation="static"` with `cache_config={"backend": "mea-int8"}` (the
+    pre-allocated variant). Other backends ("quanto", "hqq", "fp8") are left to transformers."""
+    implementation = getattr(generation_config, "cache_implementation", None)
+    options = dict(getattr(generation_config, "cache_config", None) or {})
+    options.pop("config", None)
+    backend = options.get("backend", INT8_BACKEND if implementation == "quantized" else None)
+    if backend != INT8_BACKEND or implementation not in ("quantized", "static"):
+        return None
+    unknown = sorted(set(options) - set(INT8_CACHE_OPTIONS))
+    if unknown:
+        raise ValueError(f"`cache_config` keys {unknown} are not read by the {INT8_BACKEND} cache; allowed: "
+                         f"{INT8_CACHE_OPTIONS}.")  # fmt: skip
+    options.pop("backend", None)
+    if implementation == "static" and options.get("residual_length", 0):
+        raise ValueError("`cache_config` residual_length must be 0 (or absent) with cache_implementation='static': "
+                         "the static int8 cache has no full-precision window.")  # fmt: skip
+    return options
+
+
+def _check_int8_options(nbits: int, residual_length: int) -> None:
+    if nbits not in INT8_NBITS:
+        raise ValueError(f"The {INT8_BACKEND} cache stores nbits={INT8_NBITS[0]}; got `nbits`={nbits!r}. "
+                         f"Allowed values: {INT8_NBITS}.")  # fmt: skip
+    if not isinstance(residual_length, int) or residual_length < 0:
+        raise ValueError(f"`residual_length` must be an int >= 0 (recent tokens kept in full precision), got "
+                         f"{residual_length!r}.")  # fmt: skip
+
+
+class _Scratch:
+    """Reusable full-precision buffers for one layer's dequantised keys and values. Layers run one after another, so
+    all layers of a cache share them: the int8 cache never holds more than one layer in full precision, and no step
+    allocates (fresh multi-MiB tensors cost page faults on CPU)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self.buffers.get(name)
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device
+                or buffer.is_inference() != torch.is_inference_mode_enabled()):  # fmt: skip
+            buffer = torch.empty(numel + numel // 4 + 1, dtype=dtype, device=device)  # headroom for later steps
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+class _Int8Storage:
+    """Int8 keys and values with one float16 scale per token and head (`quantize_int8`): buffers `qkeys`, `qvalues`
+    (batch, heads, capacity, head_dim) and `kscale`, `vscale` (batch, heads, capacity, 1) in `self.quantized`."""
+
+    def nbytes(self) -> int:
+        """Bytes held: int8 payload and scales (allocated capacity) plus any full-precision residual tokens."""
+        tensors = [*self.quantized.values()] + [t for t in (self.keys, self.values) if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _allocate(self, key_states: torch.Tensor, capacity: int, fill=torch.empty) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        device = key_states.device
+        self.quantized = {
+            name: fill((batch, heads, capacity, 1 if name.endswith("scale") else head_dim), device=device,
+                       dtype=INT8_SCALE_DTYPE if name.endswith("scale") else torch.int8)
+            for name in _QUANTIZED
+        }  # fmt: skip
+
+
+class MEAInt8Layer(_Int8Storage, _ComponentHeadsLayer, CacheLayerMixin):
+    """A growing int8 cache layer (component or composed heads, whatever the model stores): all but the most recent
+    `residual_length` tokens are int8 with per-token, per-head scales; those recent tokens stay in full precision
+    (`keys`, `values`), as in transformers' quantised caches. `update` returns the layer dequantised into buffers
+    shared by all layers (`_Scratch`), so no full-precision copy of the whole cache ever exists."""
+
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, num_component_heads: int, head_dim: int, residual_length: int = 0, scratch=None):
+        super().__init__(num_component_heads=num_component_heads, head_dim=head_dim)
+        self.residual_length = residual_length
+        self.scratch = scratch if scratch is not None else _Scratch()
+        self.quantized, self.quantized_length = {}, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        self._allocate(key_states, 0)
+        self.quantized_length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_heads(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+        overflow = keys.shape[2] - self.residual_length
+        if overflow > 0:  # tokens leaving the full-precision window: quantise and append
+            self._append(keys[:, :, :overflow], values[:, :, :overflow])
+            keys, values = keys[:, :, overflow:], values[:, :, overflow:]
+        self.keys, self.values = keys, values
+        return self._read(key_states.requires_grad and torch.is_grad_enabled())
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start, end = self.quantized_length, self.quantized_length + keys.shape[2]
+        new = (*quantize_int8(keys), *quantize_int8(values))
+        for name, states in zip(_QUANTIZED, new):
+            buffer = self.quantized[name]
+            if buffer.shape[2] < end:  # grow by whole blocks: one copy per _GROWTH tokens, not per step
+                grown = buffer.new_empty((*buffer.shape[:2], -(-end // _GROWTH) * _GROWTH, buffer.shape[3]))
+                grown[:, :, :start] = buffer[:, :, :start]
+                buffer = self.quantized[name] = grown
+            buffer[:, :, start:end] = states
+        self.quantized_length = end
+
+    def _read(self, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached token in full precision: dequantised int8 part, then the residual. `fresh` (autograd needs
+        the result) allocates instead of writing the shared scratch buffers."""
+        n, (batch, heads, residual, head_dim) = self.quantized_length, self.keys.shape
+        shape, dtype = (batch, heads, n + residual, head_dim), self.keys.dtype
+        outputs = []
+        for name, q, scale, recent in (("keys", "qkeys", "kscale", self.keys), ("values", "qvalues", "vscale", self.values)):
+            out = torch.empty(shape, dtype=dtype, device=self.device) if fresh else self.scratch.get(name, shape, dtype, self.device)
+            dequantize_int8(self.quantized[q][:, :, :n], self.quantized[scale][:, :, :n], dtype, out=out[:, :, :n])
+            out[:, :, n:] = recent
+            outputs.append(out)
+        return tuple(outputs)
+
+    def _map(self, function) -> None:
+        """Apply `function` to every stored tensor (valid tokens only), e.g. a batch reordering."""
+        if not self.is_initialized:
+            return
+        n = self.quantized_length
+        self.quantized = {name: function(buffer[:, :, :n]) for name, buffer in self.quantized.items()}
+        self.keys, self.values = function(self.keys), function(self.values)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))  # exact: scales are per token and row
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        remove = -tokens_to_remove
+        from_residual = min(remove, self.keys.shape[2])
+        keep = self.keys.shape[2] - from_residual
+        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        self.quantized_length = max(0, self.quantized_length - (remove - from_residual))
+
+    def get_seq_length(self) -> int:
+        return self.quantized_length + self.keys.shape[2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.quantized, self.quantized_length = {}, 0
+        self.is_initialized = False
+
+
+class MEAStaticInt8Layer(_Int8Storage, _ComponentHeadsLayer, CacheLayerMixin):
+    """A pre-allocated int8 cache layer of `max_cache_len` tokens (no full-precision window), for
+    `cache_implementation="static"` and `torch.compile`: writes in place, returns the dequantised buffers."""
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, num_component_heads: int, head_dim: int, max_cache_len: int):
+        super().__init__(num_component_heads=num_component_heads, head_dim=head_dim)
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+        self.quantized = {}
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.compute_dtype = key_states.device, key_states.dtype
+        self.batch_size = key_states.shape[0]
+        self._allocate(key_states, self.max_cache_len, fill=torch.zeros)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for tensor in (*self.quantized.values(), self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_heads(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = torch.arange(key_states.shape[2], device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(key_states.shape[2])
+        for name, states in zip(_QUANTIZED, (*quantize_int8(key_states), *quantize_int8(value_states))):
+            self.quantized[name].index_copy_(2, positions, states)
+        q = self.quantized
+        return (dequantize_int8(q["qkeys"], q["kscale"], key_states.dtype),
+                dequantize_int8(q["qvalues"], q["vscale"], value_states.dtype))  # fmt: skip
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for buffer in self.quantized.values():  # in place: static addresses stay valid for compiled graphs
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
+        self.cumulative_length.sub_(-tokens_to_remove)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        for buffer in self.quantized.values():
+            buffer.zero_()
+        self.cumulative_length.zero_()
+
+
+class MEAQuantizedCache(Cache):
+    """Int8 cache of an MEA model (`cache_implementation="quantized"`, `cache_config={"backend": "mea-int8",
+    "nbits": 8, "residual_length": R}`): per layer, the heads it stores (components, or composed heads where
+    `kv_decode="auto"` and h' = h) as int8 with a float16 scale per token and head, the last R tokens in full
+    precision (default 0). About (head_dim + 2) / (2 * head_dim) of a float16 cache of the same heads."""
+
+    def __init__(self, config, nbits: int = 8, residual_length: int = 0):
+        _check_int8_options(nbits, residual_length)
+        scratch = _Scratch()
+        layers = [MEAInt8Layer(heads, config.head_dim, residual_length, scratch) for heads in _component_heads(config)]
+        Cache.__init__(self, layers=layers)
+        self.mea_signature = cache_signature(config)
+        self.nbits, self.residual_length = nbits, residual_length
+
+
+class MEAStaticQuantizedCache(Cache):
+    """Pre-allocated int8 cache (`cache_implementation="static"` with `cache_config={"backend": "mea-int8"}`):
+    `MEAQuantizedCache` storage without a full-precision window, written in place (torch.compile-friendly)."""
+
+    def __init__(self, config, max_cache_len: int, nbits: int = 8, residual_length: int = 0):
+        _check_int8_options(nbits, residual_length)
+        if residual_length:
+            raise ValueError("`residual_length` must be 0 for the static int8 cache (it has no full-precision window).")
+        layers = [MEAStaticInt8Layer(heads, config.head_dim, max_cache_len) for heads in _component_heads(config)]
+        Cache.__init__(self, layers=layers)
+        self.mea_signature = cache_signature(config)
+        self.nbits, self.residual_length = nbits, residual_length
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by the key and value tensors of any transformers cache (allocated size for static caches)."""
+    """Bytes held by the key and value tensors of any transformers cache (allocated size for static caches); int8
+    layers count their payload, scales and full-precision residual (`MEAInt8Layer.nbytes`)."""
     total = 0
     for layer in cache.layers:
+        if isinstance(layer, _Int8Storage):
+            total += layer.nbytes()
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()

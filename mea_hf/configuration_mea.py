@@ -5,7 +5,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 HEAD_NORMS = ("rms", None)
-KV_DECODE_PATHS = ("reconstruct", "absorb")
+KV_DECODE_PATHS = ("auto", "reconstruct", "absorb")
 # Remote-code entry points written into every saved config. `save_pretrained` alone records only the class being
 # saved, so without this a folder saved from MEAForCausalLM would not load through AutoModel (or the classifier
 # class) with trust_remote_code. Entries already present (e.g. "repo--modeling_mea.MEAModel" from the Hub) win.
@@ -34,8 +34,11 @@ class MEAConfig(PreTrainedConfig):
         Per-head RMSNorm of each attention output before `o_proj`, with a learned per-channel scale.
     qk_norm (`bool`, defaults to `False`):
         Per-head RMSNorm on queries and component keys before RoPE (as in Qwen3).
-    kv_decode (`"reconstruct"` or `"absorb"`, defaults to `"reconstruct"`):
-        How single-token decode steps attend over the compressed cache (see `MEAAttention`).
+    kv_decode (`"auto"`, `"reconstruct"` or `"absorb"`, defaults to `"auto"`):
+        How cached steps attend (all exact; see docs/decode.md). `"auto"` picks per layer: a layer with h' = h caches
+        its composed heads (HLC applied once, when tokens enter the cache) and decodes as plain attention; a layer
+        with h' < h caches components and decodes with `"absorb"`. `"reconstruct"` / `"absorb"` cache components in
+        every layer. A cache filled under one setting is refused under another.
     o_proj_bias (`bool`, *optional*):
         Bias on `o_proj`; defaults to `attention_bias` (Qwen2 has q/k/v biases but none on `o_proj`).
     """
@@ -83,7 +86,7 @@ class MEAConfig(PreTrainedConfig):
     hlc_values: bool = True
     head_norm: str | None = "rms"
     qk_norm: bool = False
-    kv_decode: str = "reconstruct"
+    kv_decode: str = "auto"
 
     def __post_init__(self, **kwargs):
         self._check_positive_sizes()

@@ -2,7 +2,7 @@
 
 import torch
 
-from .cache_mea import cache_nbytes
+from .cache_mea import INT8_SCALE_DTYPE, cache_nbytes
 
 
 def cached_heads_per_layer(config) -> list[int]:
@@ -11,10 +11,12 @@ def cached_heads_per_layer(config) -> list[int]:
     return list(components) if components is not None else [config.num_key_value_heads] * config.num_hidden_layers
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of keys plus values that one token adds to the cache, summed over layers."""
+def kv_bytes_per_token(config, dtype: torch.dtype = torch.float16, int8: bool = False) -> int:
+    """Bytes of keys plus values that one token adds to the cache, summed over layers. `int8`: the MEA int8 cache,
+    one byte per channel plus one float16 scale per head (`MEAQuantizedCache`, outside its full-precision window)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * head_dim * sum(cached_heads_per_layer(config)) * torch.empty((), dtype=dtype).element_size()
+    per_head = head_dim + INT8_SCALE_DTYPE.itemsize if int8 else head_dim * dtype.itemsize
+    return 2 * per_head * sum(cached_heads_per_layer(config))
 
 
 def kv_fraction(config) -> float:

@@ -36,11 +36,15 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_mea import (
     CACHE_ARG,
     MEACache,
+    MEAQuantizedCache,
     MEAStaticCache,
+    MEAStaticQuantizedCache,
     PagedAttentionCache,
     claim_cache,
+    int8_cache_options,
     output_cache,
     resolve_cache,
+    stores_composed_heads,
 )
 from .configuration_mea import MEAConfig
 
@@ -157,11 +161,17 @@ class MEAAttention(nn.Module):
             else None
         )
 
+    def _stores_composed(self) -> bool:
+        """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, so
+        that the model and `claim_cache` agree on what a cache holds."""
+        return stores_composed_heads(self.config)[self.layer_idx]
+
     def _use_absorb(self, query_len: int, cached: bool) -> bool:
-        """Absorb only attends over a cache: uncached (training) forwards keep the attention kernel's own masking."""
+        """Absorb only attends over a cache: uncached (training) forwards keep the attention kernel's own masking.
+        "auto" absorbs wherever components are cached (h' < h): it reads the compressed cache once, no transient."""
         return (
             cached
-            and self.config.kv_decode == "absorb"
+            and self.config.kv_decode in ("absorb", "auto")
             and self.hlc_k is not None
             and self.hlc_v is not None
             and query_len <= ABSORB_MAX_QUERY_LEN
@@ -188,10 +198,14 @@ class MEAAttention(nn.Module):
 
         if isinstance(cache, PagedAttentionCache):
             return self._paged_forward(query, key_components, value_components, attention_mask, cache, **kwargs)
+        hlc_k, hlc_v = self.hlc_k, self.hlc_v
+        if self._stores_composed():  # compose once, as tokens enter the cache; attention then reads plain heads
+            key_components, value_components = compose_heads(key_components, hlc_k), compose_heads(value_components, hlc_v)
+            hlc_k = hlc_v = None
         if cache is not None:
             key_components, value_components = cache.update(key_components, value_components, self.layer_idx)
 
-        if self._use_absorb(query.shape[2], cached=cache is not None):
+        if hlc_k is not None and self._use_absorb(query.shape[2], cached=cache is not None):
             attn_output, attn_weights = absorbed_attention(
                 query, key_components, value_components, self.hlc_k, self.hlc_v,
                 attention_mask, self.scaling, self.num_key_value_groups,
@@ -203,8 +217,8 @@ class MEAAttention(nn.Module):
             attn_output, attn_weights = attention_interface(
                 self,
                 query,
-                compose_heads(key_components, self.hlc_k),
-                compose_heads(value_components, self.hlc_v),
+                compose_heads(key_components, hlc_k),
+                compose_heads(value_components, hlc_v),
                 attention_mask,
                 dropout=0.0 if not self.training else self.attention_dropout,
                 scaling=self.scaling,
@@ -420,13 +434,24 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Let generate() build its usual cache, then swap it for the MEA cache of the same kind.
 
-        A user-supplied cache is kept as it is (it stores component heads too; `claim_cache` refuses a wrong one)."""
+        `cache_implementation="quantized"` (with `cache_config` backend "mea-int8" or none) gives `MEAQuantizedCache`;
+        `"static"` with `cache_config={"backend": "mea-int8"}` gives `MEAStaticQuantizedCache` (`int8_cache_options`).
+        A user-supplied cache is kept as it is (`claim_cache` refuses a wrong one)."""
+        int8 = int8_cache_options(generation_config)
+        if int8 is not None and model_kwargs.get(CACHE_ARG) is not None and generation_config.is_assistant:
+            return  # a draft model's own cache, handed back on its next call (5.23 keeps cache_implementation set)
+        if int8 is not None and generation_config.cache_implementation == "quantized":
+            if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
+                model_kwargs[CACHE_ARG] = MEAQuantizedCache(self.config, **int8)
+                return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_ARG)
         if cache is None or getattr(cache, "_is_user_defined", False):
             return
         if type(cache) is DynamicCache:
             model_kwargs[CACHE_ARG] = MEACache(self.config, offloading=cache.offloading)
+        elif type(cache) is StaticCache and int8 is not None:
+            model_kwargs[CACHE_ARG] = MEAStaticQuantizedCache(self.config, cache.layers[0].max_cache_len, **int8)
         elif type(cache) is StaticCache:
             mea_cache = MEAStaticCache(self.config, cache.layers[0].max_cache_len, offloading=cache.offloading)
             if cache.is_initialized:  # eager init (chunked prefill): keep it eager

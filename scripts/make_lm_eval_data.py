@@ -2,7 +2,7 @@
 
     python scripts/make_lm_eval_data.py            # rewrites mea_hf/resources/lm_eval/data/*.jsonl
 
-Three small sets, all from `mea_hf.corpus.builtin_corpus()["validation"]` (documents no model here trains on):
+Three small sets, all from `mea_hf.data.corpus.builtin_corpus()["validation"]` (documents no model here trains on):
 - heldout_chunks.jsonl: {"text"} chunks of whole lines, for perplexity (loglikelihood_rolling);
 - next_line.jsonl: {"context", "choices", "label"}: the true next line of a document among three distractor lines
   with the same indentation taken from other documents (multiple_choice);

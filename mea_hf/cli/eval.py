@@ -4,6 +4,7 @@
     mea eval DIR --tasks mea_next_line,hellaswag --kv-decode absorb      # standard tasks need Hub access
 """
 
+from ..configuration_mea import KV_DECODE_PATHS
 from ..evaluation.harness import OFFLINE_TASKS, evaluate_folder, headline_scores, results_markdown
 from ..utils.atomic import atomic_write_json
 
@@ -17,7 +18,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=float, default=None, help="examples per task (int) or a fraction (< 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--kv-decode", choices=("reconstruct", "absorb"), default=None, help="MEA decode path")
+    parser.add_argument("--kv-decode", choices=KV_DECODE_PATHS, default=None, help="MEA decode path")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--update-card", action="store_true", help="add the headline scores to the folder's README.md")
 

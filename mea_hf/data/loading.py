@@ -1,7 +1,7 @@
 """Training data through `datasets`: documents in, fixed-length token blocks out, cached on disk.
 
 Sources (`source` / the `data` training setting), each loaded as a `datasets.Dataset` with a "text" column:
-- "builtin" (or None): the text that ships with Python (`mea_hf.corpus`).
+- "builtin" (or None): the text that ships with Python (`mea_hf.data.corpus`).
 - a local `.txt`/`.md` file (one document), a `.jsonl` file (one document per line, in its "text" field), or a folder
   holding such files (searched recursively): read by a checking generator into `Dataset.from_generator`, an Arrow
   file under `cache_dir/datasets` keyed by the files' paths, sizes and mtimes. A bad file fails with its name and the

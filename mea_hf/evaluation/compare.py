@@ -27,6 +27,8 @@ def folder_memory_row(folder: str | os.PathLike) -> dict:
         "cached_kv_heads": sum(cached_heads_per_layer(config)),
         "kv_bytes_per_token": kv_bytes_per_token(config),
         "kv_fraction": kv_fraction(config),
+        # the MEA int8 cache (`cache_implementation="quantized"`), scales included; MEA models only
+        "kv_bytes_per_token_int8": kv_bytes_per_token(config, int8=True) if config.model_type == "mea" else None,
     }
 
 
@@ -73,11 +75,12 @@ def comparison_markdown(rows: list[dict], extra_columns: tuple[str, ...] = ()) -
     """Markdown table: model, KV bytes/token (fp16), KV vs uncompressed, `extra_columns` (keys of each row, e.g.
     "val_loss"), then the headline metric of every task (arrow: which direction is better)."""
     scores = score_columns(rows)
-    header = ["model", "KV bytes/token (fp16)", "KV vs full", *extra_columns]
+    header = ["model", "KV bytes/token (fp16)", "KV vs full", "KV bytes/token (int8)", *extra_columns]
     header += [f"{task} {metric} {'↑' if higher else '↓'}" for task, metric, higher in scores]
     table = []
     for row in rows:
-        cells = [row["model"], _cell(row["kv_bytes_per_token"]), f"{100 * row['kv_fraction']:.0f}%"]
+        cells = [row["model"], _cell(row["kv_bytes_per_token"]), f"{100 * row['kv_fraction']:.0f}%",
+                 _cell(row.get("kv_bytes_per_token_int8"))]  # fmt: skip
         cells += [_cell(row.get(column)) for column in extra_columns]
         cells += [_cell(row.get("results", {}).get(task, {}).get(metric)) for task, metric, _ in scores]
         table.append(cells)

@@ -19,15 +19,18 @@ from lm_eval.models.huggingface import HFLM
 
 import mea_hf  # noqa: F401  (registers the MEA Auto classes: no trust_remote_code needed)
 
+from ..cache_mea import INT8_BACKEND
 from ..configuration_mea import KV_DECODE_PATHS
 
-# generate() cache kinds that MEAForCausalLM turns into its compressed cache (dynamic or static, offloaded or not).
-CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static")
+# generate() cache kinds that MEAForCausalLM turns into its compressed cache (dynamic or static, offloaded or not;
+# "quantized": the int8 cache, `MEAQuantizedCache`, selected with cache_config={"backend": "mea-int8"}).
+CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static", "quantized")
 
 
 class MEALM(HFLM):
-    """`hf` with mea_hf's classes. Extra model_args: `kv_decode` (reconstruct | absorb: how decode steps attend over
-    the compressed cache) and `cache_implementation` (dynamic | static | offloaded | offloaded_static)."""
+    """`hf` with mea_hf's classes. Extra model_args: `kv_decode` (auto | reconstruct | absorb: how decode steps attend
+    over the compressed cache) and `cache_implementation` (dynamic | static | offloaded | offloaded_static |
+    quantized, the last being the MEA int8 cache)."""
 
     def __init__(self, pretrained, kv_decode: str | None = None, cache_implementation: str | None = None, **kwargs):
         if kv_decode is not None and kv_decode not in KV_DECODE_PATHS:
@@ -49,6 +52,8 @@ class MEALM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         if self.cache_implementation is not None:
             generation_kwargs.setdefault("cache_implementation", self.cache_implementation)
+        if self.cache_implementation == "quantized":
+            generation_kwargs.setdefault("cache_config", {"backend": INT8_BACKEND})
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 

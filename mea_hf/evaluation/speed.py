@@ -15,10 +15,11 @@ from ..cache_mea import CACHE_ARG, output_cache
 
 @torch.inference_mode()
 def prefill(
-    model, context_len: int, batch_size: int = 1, chunk_size: int = 1024, seed: int = 0
+    model, context_len: int, batch_size: int = 1, chunk_size: int = 1024, seed: int = 0, cache: Cache | None = None
 ) -> tuple[Cache, torch.Tensor]:
     """Run `context_len` random tokens through `model` in chunks of `chunk_size` (as long-context serving does, so
-    activations stay small next to the cache); return the filled cache and the greedy next tokens, (batch, 1)."""
+    activations stay small next to the cache); return the filled cache and the greedy next tokens, (batch, 1).
+    `cache`: an empty cache to fill (e.g. `MEAQuantizedCache`); default: the model's own default cache."""
     if context_len < 1 or batch_size < 1 or chunk_size < 1:
         raise ValueError(
             f"context_len, batch_size and chunk_size must be >= 1, got {context_len}, {batch_size}, {chunk_size}."
@@ -26,7 +27,6 @@ def prefill(
     generator = torch.Generator().manual_seed(seed)
     context = torch.randint(0, model.config.vocab_size, (batch_size, context_len), generator=generator)
     context = context.to(model.device)
-    cache = None
     for start in range(0, context_len, chunk_size):
         outputs = model(input_ids=context[:, start : start + chunk_size], use_cache=True, logits_to_keep=1,
                         **{CACHE_ARG: cache})  # fmt: skip

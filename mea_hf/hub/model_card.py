@@ -83,6 +83,8 @@ def render_model_card(
         kv_percent=f"{100 * kv_fraction(config):.1f}",
         kv_bytes=kv_bytes,
         kv_bytes_full=round(kv_bytes / kv_fraction(config)),
+        kv_bytes_int8=kv_bytes_per_token(config, int8=True),
+        kv_int8_percent=f"{100 * kv_bytes_per_token(config, int8=True) * kv_fraction(config) / kv_bytes:.1f}",
         head_norm=getattr(config, "head_norm", None),
         hlc=f"keys={getattr(config, 'hlc_keys', False)}, values={getattr(config, 'hlc_values', False)}",
         kv_decode=getattr(config, "kv_decode", "n/a"),

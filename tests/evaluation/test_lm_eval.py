@@ -143,6 +143,17 @@ def test_mea_lm_eval_model_generates_over_the_compressed_cache(folders, tokenize
     assert texts[0] == _greedy_without_cache(lm.model, tokenizer, CONTEXT, 6)
 
 
+def test_mea_lm_eval_model_int8_cache(folders):
+    """model_args cache_implementation=quantized: lm-eval's generate_until decodes over the int8 MEAQuantizedCache."""
+    from mea_hf.evaluation.lm_eval_model import MEALM
+
+    lm = MEALM(pretrained=str(folders["mea"]), device="cpu", dtype="float32", cache_implementation="quantized")
+    texts, caches = _generate_until(lm, [CONTEXT])
+    assert type(caches[-1]) is mea_hf.MEAQuantizedCache and caches[-1].get_seq_length() > 0
+    assert all(layer.quantized["qkeys"].dtype == torch.int8 for layer in caches[-1].layers)
+    assert isinstance(texts[0], str)
+
+
 def test_hf_lm_eval_model_with_remote_code_generates_over_the_compressed_cache(folders, tokenizer):
     """The same through lm-eval's own `hf` model and the folder's remote code, in a process without mea_hf."""
     script = f"""
@@ -221,7 +232,7 @@ def test_bad_input_gets_clear_errors(folders, tmp_path, capsys):
     with pytest.raises(ValueError, match="kv_decode must be one of"):
         MEALM(pretrained=str(folders["mea"]), device="cpu", kv_decode="fast")
     with pytest.raises(ValueError, match="cache_implementation must be one of"):
-        MEALM(pretrained=str(folders["mea"]), device="cpu", cache_implementation="quantized")
+        MEALM(pretrained=str(folders["mea"]), device="cpu", cache_implementation="sliding_window")
     with pytest.raises(ValueError, match="MEA models only"):
         MEALM(pretrained=str(folders["llama"]), device="cpu", kv_decode="absorb")
     assert main(["eval", str(folders["mea"]), "--limit", "1.5"]) == 2

@@ -143,7 +143,7 @@ def test_reset_plain_cache_can_be_reused_by_mea():
 
 @pytest.mark.parametrize("model_kind", ["mea", "llama"])
 def test_speed_prefill_in_chunks_fills_the_default_cache_like_one_pass(model_kind):
-    """`mea_hf.speed` (used by the decode benchmark) measures the model's own default cache, filled correctly."""
+    """`mea_hf.evaluation.speed` (used by the decode benchmark) measures the model's own default cache, filled correctly."""
     from mea_hf.evaluation.speed import prefill, time_decode
 
     mea, llama = mea_and_llama(1)

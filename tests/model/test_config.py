@@ -14,7 +14,7 @@ def test_defaults_mean_no_compression():
     assert config.component_heads_per_layer == [2, 2]
     assert config.head_dim == TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]
     assert (config.hlc_keys, config.hlc_values, config.head_norm, config.qk_norm) == (True, True, "rms", False)
-    assert config.kv_decode == "reconstruct"
+    assert config.kv_decode == "auto"
     assert config.o_proj_bias is False
     assert tiny_mea_config(attention_bias=True).o_proj_bias is True
     assert tiny_mea_config(attention_bias=True, o_proj_bias=False).o_proj_bias is False

@@ -111,6 +111,9 @@ def remote_script(folder, input_ids: torch.Tensor) -> str:
             logits = model(input_ids).logits
         generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         uncached = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+        int8 = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              cache_implementation="quantized", return_dict_in_generate=True)
+        int8_cache = getattr(int8, "cache", None) or int8.past_key_values  # 5.24 / 5.23 name
         config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
         pages = ContinuousBatchingConfig(num_blocks=32, page_size=16, max_batch_tokens=16)  # not sized from free RAM
         batch = model.generate_batch(inputs=input_ids.tolist(), generation_config=config, continuous_batching_config=pages)
@@ -130,6 +133,8 @@ def remote_script(folder, input_ids: torch.Tensor) -> str:
             "logits": logits.tolist(),
             "generated": generated.tolist(),
             "uncached": uncached.tolist(),
+            "int8": int8.sequences.tolist(),
+            "int8_cache": f"{{type(int8_cache).__module__}}.{{type(int8_cache).__name__}}",
             "batch_tokens": batch_tokens,
             "bf16_dtype": str(bf16_logits.dtype),
             "bf16_finite": bool(torch.isfinite(bf16_logits).all()),
@@ -150,6 +155,10 @@ def test_trust_remote_code_in_a_python_without_mea_hf(saved, tmp_path):
     assert out["generated"] == greedy(model).tolist()
     assert out["generated"] == out["uncached"]  # the remote code decodes right over its cache
     assert out["batch_tokens"] == [row[INPUT_IDS.shape[1] :] for row in out["generated"]]
+    int8_cache = "MEAQuantizedCache"  # the int8 cache travels with the folder's code (cache_mea.py)
+    assert out["int8_cache"].startswith("transformers_modules.") and out["int8_cache"].endswith(int8_cache)
+    int8 = model.generate(INPUT_IDS, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="quantized")
+    assert out["int8"] == int8.tolist()
     assert out["bf16_dtype"] == "torch.bfloat16" and out["bf16_finite"]
     resaved = tmp_path / "resaved"
     assert REMOTE_CODE_FILES | {"model.safetensors", "config.json"} <= {path.name for path in resaved.iterdir()}

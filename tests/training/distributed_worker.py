@@ -1,6 +1,6 @@
 """One rank of the 2-process training test (run by tests/test_distributed.py under accelerate launch).
 
-Trains the tiny MEA config with `mea_hf.train.train` and writes, per rank, the blocks it trained on and its final
+Trains the tiny MEA config with `mea_hf.training.train` and writes, per rank, the blocks it trained on and its final
 weights to OUT/rank<k>.pt.
 """
 
