@@ -8,7 +8,7 @@ import sys
 from huggingface_hub.errors import StrictDataclassError
 
 COMMANDS = {
-    "convert": ("mea_hf.convert_cli", "Convert a Llama/Mistral/Qwen2/Qwen3 folder to an equivalent MEA folder."),
+    "convert": ("mea_hf.convert_cli", "Convert a Llama/Mistral/Qwen2/Qwen3 folder or GGUF file to an MEA folder."),
     "compress": ("mea_hf.compress_cli", "Reduce the cached KV heads of an MEA folder (SVD or calibration)."),
     "sensitivity": ("mea_hf.sensitivity", "Compress one layer at a time and measure the validation loss."),
     "train": ("mea_hf.train", "Pretrain (or continue training) an MEA or Llama model with accelerate."),
