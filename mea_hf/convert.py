@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .configuration_mea import MEAConfig
-from .gguf import gguf_base_model, is_gguf_path, load_gguf_causal_lm
+from .gguf import gguf_base_model, is_gguf_path, load_gguf_causal_lm, load_gguf_tokenizer
 from .modeling_mea import MEAForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -110,8 +110,6 @@ def load_tokenizer(model_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     if is_gguf_path(model_path):
-        from .gguf import load_gguf_tokenizer
-
         return load_gguf_tokenizer(model_path)
     try:
         return AutoTokenizer.from_pretrained(model_path)

