@@ -1,15 +1,19 @@
-"""Exact conversion of Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3) to MEA.
+"""Exact conversion of Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3) to MEA, from a model, a folder or a
+GGUF file.
 
 The converted model has h' = h, identity HLC and no head norm, so its logits equal the original's; it is the
 starting point for KV compression (`mea_hf.compress`) or continued pretraining with MEA.
 """
 
 import os
+import re
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .configuration_mea import MEAConfig
+from .gguf import gguf_base_model, is_gguf_path, load_gguf_causal_lm, load_gguf_tokenizer
 from .modeling_mea import MEAForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,11 +58,28 @@ def mea_config_from(config, **overrides) -> MEAConfig:
     return MEAConfig(**fields)
 
 
+def public_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """A name fit for a config or model card: a Hub repo id stays, a local path becomes its folder or file name
+    (or the repo id of a Hub cache snapshot)."""
+    name = os.fspath(name_or_path or "")
+    if not name or not (os.path.isabs(name) or os.path.exists(name)):
+        return name or None
+    snapshot = re.search(r"models--([^/]+)--([^/]+)/snapshots/", Path(name).resolve().as_posix())
+    return f"{snapshot[1]}/{snapshot[2]}" if snapshot else Path(name).resolve().name
+
+
 def from_llama(model_or_path: PreTrainedModel | str | os.PathLike, dtype: torch.dtype | None = None) -> MEAForCausalLM:
-    """Convert a Llama/Mistral/Qwen2/Qwen3 causal LM (a model or a local folder) into an equivalent MEAForCausalLM."""
+    """Convert a Llama/Mistral/Qwen2/Qwen3 causal LM (a model, a local folder or a `.gguf` file, which transformers
+    dequantises) into an equivalent MEAForCausalLM. `config.base_model_name_or_path` names the source, never by a
+    local path."""
     if isinstance(model_or_path, PreTrainedModel):
         source = model_or_path
         _check_supported(source.config)
+        base_model = public_name(getattr(source.config, "_name_or_path", None))
+    elif is_gguf_path(model_or_path):
+        source, metadata = load_gguf_causal_lm(model_or_path, dtype)
+        _check_supported(source.config)
+        base_model = gguf_base_model(metadata, model_or_path)
     else:
         _check_supported(AutoConfig.from_pretrained(model_or_path))  # refuse before loading any weights
         source, loading = AutoModelForCausalLM.from_pretrained(
@@ -68,6 +89,7 @@ def from_llama(model_or_path: PreTrainedModel | str | os.PathLike, dtype: torch.
             raise ValueError(
                 f"{model_or_path} is not a complete causal-LM checkpoint: missing {sorted(loading['missing_keys'])[:5]}."
             )
+        base_model = public_name(model_or_path)
     config = mea_config_from(source.config)
     config.architectures = ["MEAForCausalLM"]
     model = MEAForCausalLM(config).to(dtype or source.dtype)
@@ -79,5 +101,17 @@ def from_llama(model_or_path: PreTrainedModel | str | os.PathLike, dtype: torch.
         )
     if source.generation_config is not None:
         model.generation_config = source.generation_config
-    model.config.base_model_name_or_path = getattr(source.config, "_name_or_path", "") or None
+    model.config.base_model_name_or_path = base_model
     return model.eval()
+
+
+def load_tokenizer(model_path: str | os.PathLike):
+    """The tokenizer of a checkpoint folder (None if it has none) or of a `.gguf` file (errors if unreadable)."""
+    from transformers import AutoTokenizer
+
+    if is_gguf_path(model_path):
+        return load_gguf_tokenizer(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None

@@ -1,15 +1,18 @@
-"""`mea convert`: a Llama-family folder in, an equivalent MEA folder (with tokenizer and model card) out."""
+"""`mea convert`: a Llama-family folder or GGUF file in, an equivalent MEA folder (with tokenizer and model card) out."""
 
 from pathlib import Path
 
 import torch
 
-from ..convert import from_llama
+from ..convert import from_llama, load_tokenizer
+from ..gguf import is_gguf_path
 from ..hub import save_folder
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local folder of a Llama/Mistral/Qwen2/Qwen3 causal LM")
+    parser.add_argument(
+        "--model", required=True, help="local folder or .gguf file of a Llama/Mistral/Qwen2/Qwen3 causal LM"
+    )
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -19,19 +22,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
     source = Path(args.model)
-    if not source.is_dir():
+    if not is_gguf_path(source) and not source.is_dir():
         raise FileNotFoundError(f"--model {source}: no such folder")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    tokenizer = load_tokenizer(source)
     model = from_llama(source, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        tokenizer = None
-    how = f"Converted exactly from `{source.name}` ({model.config.base_model_name_or_path}) with `mea convert`: "
-    how += "identity head-level composition, no head norm; logits equal the original's."
-    save_folder(model, args.out, tokenizer, card={"how_made": how, "base_model": source.name}, overwrite=args.overwrite)
+    base_model = model.config.base_model_name_or_path
+    how = f"Converted exactly from `{source.name}`" + (f" ({base_model})" if base_model != source.name else "")
+    how += " with `mea convert`: identity head-level composition, no head norm; logits equal the original's"
+    how += " (the GGUF as dequantised by transformers)." if is_gguf_path(source) else "."
+    save_folder(model, args.out, tokenizer, card={"how_made": how, "base_model": base_model}, overwrite=args.overwrite)
     print(f"saved MEA model to {args.out}")
     return 0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert import SUPPORTED_MODEL_TYPES
+from ..convert import SUPPORTED_MODEL_TYPES, load_tokenizer
 
 
 def check_model_folder(folder: str | os.PathLike, mea_only: bool = False, what: str = "model folder"):
@@ -30,13 +30,9 @@ def check_model_folder(folder: str | os.PathLike, mea_only: bool = False, what: 
 
 def load_folder(path, dtype: str = "auto"):
     """(model, tokenizer) of a saved causal-LM folder in eval mode; the tokenizer is None when the folder has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import mea_hf  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(path)
