@@ -35,6 +35,7 @@ from mea_hf.evaluation.speed import prefill, time_decode
 from mea_hf.memory import cache_nbytes
 from mea_hf.modeling_mea import MEAForCausalLM
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.tables import markdown_table
 
 ROWS = {  # name -> (label, MEA fields or None for Llama); "heads": h' as a fraction of h; "int8": MEAQuantizedCache
     "llama": ("Llama, DynamicCache", None),
@@ -181,20 +182,18 @@ def add_ratios(results: dict) -> None:
             row["share_of_bytes_limit"] = row["tokens_per_s_vs_llama"] / row["bytes_limit_vs_llama"]
 
 
-def markdown_table(results: dict) -> str:
-    lines = [
-        "| context | model | decode tok/s | × Llama | bytes-read limit × Llama | share of limit | KV cache MiB "
-        "| × Llama | peak RSS MiB | × Llama | peak growth MiB | × Llama |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for context, per_context in results.items():
-        for row, r in per_context.items():
-            lines.append(
-                f"| {context} | {ROWS[row][0]} | {r['tokens_per_s']:.2f} | {r['tokens_per_s_vs_llama']:.2f} "
-                f"| {r['bytes_limit_vs_llama']:.2f} | {r['share_of_bytes_limit']:.2f} | {r['kv_bytes'] / MIB:.1f} | {r['kv_bytes_vs_llama']:.2f} | {r['peak_rss'] / MIB:.0f} "
-                f"| {r['peak_rss_vs_llama']:.2f} | {r['peak_growth'] / MIB:.0f} | {r['peak_growth_vs_llama']:.2f} |"
-            )
-    return "\n".join(lines)
+def results_table(results: dict) -> str:
+    header = ["context", "model", "decode tok/s", "× Llama", "bytes-read limit × Llama", "share of limit",
+              "KV cache MiB", "× Llama", "peak RSS MiB", "× Llama", "peak growth MiB", "× Llama"]  # fmt: skip
+    rows = [
+        [context, ROWS[row][0], f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_s_vs_llama']:.2f}",
+         f"{r['bytes_limit_vs_llama']:.2f}", f"{r['share_of_bytes_limit']:.2f}", f"{r['kv_bytes'] / MIB:.1f}",
+         f"{r['kv_bytes_vs_llama']:.2f}", f"{r['peak_rss'] / MIB:.0f}", f"{r['peak_rss_vs_llama']:.2f}",
+         f"{r['peak_growth'] / MIB:.0f}", f"{r['peak_growth_vs_llama']:.2f}"]
+        for context, per_context in results.items()
+        for row, r in per_context.items()
+    ]  # fmt: skip
+    return markdown_table(header, rows, numeric=[True, False] + [True] * 10)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
         "settings": settings, "torch_threads": torch.get_num_threads(), "seconds": time.time() - started,
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results,
     }  # fmt: skip
-    table = markdown_table(results)
+    table = results_table(results)
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "table.md", table + "\n")
     plot(results, out / "decode.png")
