@@ -239,7 +239,8 @@ class MEAAttention(nn.Module):
     def _paged_forward(self, query, key_components, value_components, attention_mask, cache, **kwargs):
         """Continuous batching (docs/design.md §3). From transformers 5.24 on the model writes the pages: pages sized by
         MEA's manager hold fewer heads than h, and then get this layer's components (zero-padded to the page's head
-        count), which are read back and composed (reconstruct, exact). Pages of h heads (a [2, 1] model, or a cache
+        count), which are read back and attended over exactly: absorbed (`absorbed_attention`) for batches of up to
+        `ABSORB_MAX_QUERY_LEN` tokens when `kv_decode` allows it, else composed (reconstruct). Pages of h heads (a [2, 1] model, or a cache
         the stock engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages
         themselves from their keyword arguments, so they always get the virtual heads."""
         hlc_k, hlc_v = self.hlc_k, self.hlc_v
@@ -262,7 +263,13 @@ class MEAAttention(nn.Module):
                 nn.functional.pad(key_components, padding), nn.functional.pad(value_components, padding),
                 self.layer_idx, kwargs=kwargs,
             )  # fmt: skip
-            key, value = compose_heads(key[:, :stored], hlc_k), compose_heads(value[:, :stored], hlc_v)
+            key, value = key[:, :stored], value[:, :stored]
+            if hlc_k is not None and self._use_absorb(query.shape[2], cached=True):  # decode-sized batches
+                attn_output, attn_weights = absorbed_attention(
+                    query, key, value, hlc_k, hlc_v, attention_mask, self.scaling, self.num_key_value_groups
+                )
+                return self._output(attn_output), attn_weights
+            key, value = compose_heads(key, hlc_k), compose_heads(value, hlc_v)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
