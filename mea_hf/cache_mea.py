@@ -469,3 +469,43 @@ def cache_nbytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+# ---- Continuous batching: pages of component heads (docs/design.md §3) ----
+
+# From 5.24 on the model writes the pages itself (`PagedAttentionCache.update`), so it may write fewer heads than
+# `num_key_value_heads`; up to 5.23 the paged kernels write them and expect the h virtual heads.
+MODEL_WRITES_PAGES = CACHE_ARG == "cache"
+
+
+def paged_heads(config) -> int:
+    """Heads per layer and token that MEA's continuous-batching pages hold: the largest h' over layers (every layer of
+    one paged cache has pages of the same size; layers with fewer components leave the rest of their page unused)."""
+    return max(_component_heads(config))
+
+
+class PagedConfigView:
+    """`config` as continuous batching's cache sizing reads it: `num_key_value_heads` is the heads a page holds
+    (`paged_heads`), everything else is the model's config. Used only to size and lay out the paged cache."""
+
+    def __init__(self, config):
+        self._config = config
+        self.num_key_value_heads = paged_heads(config)
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+    def get_text_config(self, *args, **kwargs):
+        return self
+
+
+class PagedEngineModel:
+    """The model as the continuous-batching manager sees it while it builds its paged cache: the same model, whose
+    `config` is a `PagedConfigView`."""
+
+    def __init__(self, model):
+        self._model = model
+        self.config = PagedConfigView(model.config)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -35,14 +36,17 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache_mea import (
     CACHE_ARG,
+    MODEL_WRITES_PAGES,
     MEACache,
     MEAQuantizedCache,
     MEAStaticCache,
     MEAStaticQuantizedCache,
     PagedAttentionCache,
+    PagedEngineModel,
     claim_cache,
     int8_cache_options,
     output_cache,
+    paged_heads,
     resolve_cache,
     stores_composed_heads,
 )
@@ -233,14 +237,39 @@ class MEAAttention(nn.Module):
         return self.o_proj(attn_output.reshape(*attn_output.shape[:2], -1).contiguous())
 
     def _paged_forward(self, query, key_components, value_components, attention_mask, cache, **kwargs):
-        """Continuous batching: the paged cache holds the h virtual heads, sized by the engine from
-        `num_key_value_heads`. From transformers 5.24 on (cache argument `cache`) the model writes the pages itself;
-        before, the paged attention kernels did, reading the cache from their keyword arguments."""
-        key, value = compose_heads(key_components, self.hlc_k), compose_heads(value_components, self.hlc_v)
-        if CACHE_ARG == "cache":
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        else:
+        """Continuous batching (docs/design.md §3). From transformers 5.24 on the model writes the pages: pages sized by
+        MEA's manager hold fewer heads than h, and then get this layer's components (zero-padded to the page's head
+        count), which are read back and attended over exactly: absorbed (`absorbed_attention`) for batches of up to
+        `ABSORB_MAX_QUERY_LEN` tokens when `kv_decode` allows it, else composed (reconstruct). Pages of h heads (a [2, 1] model, or a cache
+        the stock engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages
+        themselves from their keyword arguments, so they always get the virtual heads."""
+        hlc_k, hlc_v = self.hlc_k, self.hlc_v
+        page_heads = cache.layer_to_allocator[self.layer_idx].num_key_value_heads if MODEL_WRITES_PAGES else None
+        if page_heads is None or page_heads >= self.num_kv_heads:
+            key_components, value_components = compose_heads(key_components, hlc_k), compose_heads(value_components, hlc_v)
+            hlc_k = hlc_v = None
+        elif kwargs.get("block_table") is not None:
+            raise ValueError(
+                "MEA's component pages cannot be read by the block-table decode kernel (it would attend over "
+                "components as if they were heads); keep `max_blocks_per_request=0` in the ContinuousBatchingConfig."
+            )
+        if page_heads is None:
             kwargs["cache"] = cache
+            key, value = key_components, value_components
+        else:
+            stored = key_components.shape[1]
+            padding = (0, 0, 0, 0, 0, page_heads - stored)  # zero heads up to the page's head count
+            key, value = cache.update(
+                nn.functional.pad(key_components, padding), nn.functional.pad(value_components, padding),
+                self.layer_idx, kwargs=kwargs,
+            )  # fmt: skip
+            key, value = key[:, :stored], value[:, :stored]
+            if hlc_k is not None and self._use_absorb(query.shape[2], cached=True):  # decode-sized batches
+                attn_output, attn_weights = absorbed_attention(
+                    query, key, value, hlc_k, hlc_v, attention_mask, self.scaling, self.num_key_value_groups
+                )
+                return self._output(attn_output), attn_weights
+            key, value = compose_heads(key, hlc_k), compose_heads(value, hlc_v)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -376,6 +405,23 @@ class MEAModel(MEAPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_ARG: cache})
 
 
+class MEAContinuousBatchingManager(ContinuousBatchingManager):
+    """transformers' continuous-batching manager, whose paged cache holds MEA's component heads (`paged_heads`): the
+    engine sizes pages, blocks, memory fraction and batch tokens from a config view with h' KV heads, so a fixed KV
+    budget admits h/h' times the tokens. The block-table decode kernel (flash only) is turned off: it would read
+    components as heads."""
+
+    def _create_batch_processor(self):
+        config = self.model.config
+        if paged_heads(config) < config.num_key_value_heads:
+            self.continuous_batching_config.max_blocks_per_request = 0
+        model, self.model = self.model, PagedEngineModel(self.model)
+        try:
+            return super()._create_batch_processor()
+        finally:
+            self.model = model
+
+
 class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
     """MEA decoder with a language-modelling head. `generate()` caches only the component heads."""
 
@@ -426,6 +472,15 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_ARG: output_cache(outputs)},
         )
+
+    def init_continuous_batching(self, *args, **kwargs) -> ContinuousBatchingManager:
+        """transformers' entry point of continuous batching (`generate_batch`, `transformers serve`); from 5.24 on the
+        manager is `MEAContinuousBatchingManager`, whose pages hold component heads. Up to 5.23 the paged kernels
+        write the pages and need the h virtual heads, so the stock manager is kept."""
+        manager = super().init_continuous_batching(*args, **kwargs)
+        if MODEL_WRITES_PAGES and type(manager) is ContinuousBatchingManager:
+            manager.__class__ = MEAContinuousBatchingManager
+        return manager
 
     def _get_static_cache_init_shape(self):
         """Static caches are pre-allocated with each layer's component heads, not `num_key_value_heads`."""

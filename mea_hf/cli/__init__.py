@@ -15,6 +15,7 @@ COMMANDS = {
     "sweep-lr": ("mea_hf.cli.sweep_lr", "Run the same short training for each (variant, learning rate) pair."),
     "eval": ("mea_hf.cli.eval", "Evaluate a folder with lm-evaluation-harness (offline tasks by default)."),
     "compare": ("mea_hf.cli.compare", "Evaluate several folders on the same tasks and write one table."),
+    "serve": ("mea_hf.cli.serve", "Serve an MEA folder with an OpenAI-compatible API (transformers serve)."),
     "quickstart": ("mea_hf.cli.quickstart", "Train, compress, recover, evaluate and compare, end to end."),
 }
 

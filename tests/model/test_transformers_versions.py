@@ -84,11 +84,13 @@ PROMPTS = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41], [60, 61,
     "shape",
     [
         dict(num_key_value_heads=4, num_component_heads=4),
+        dict(num_key_value_heads=2, num_component_heads=2),
         dict(num_key_value_heads=4, num_component_heads=2),
+        dict(num_key_value_heads=4, num_component_heads=2, kv_decode="reconstruct"),
         dict(num_key_value_heads=2, num_component_heads=1),
         dict(num_key_value_heads=2, num_component_heads=[2, 1]),
     ],
-    ids=["mha_uncompressed", "mha_half", "gqa_one_component", "gqa_second_layer_only"],
+    ids=["mha_uncompressed", "gqa_uncompressed", "mha_half", "mha_half_reconstruct", "gqa_one_component", "gqa_second_layer_only"],
 )
 @pytest.mark.slow
 def test_generate_batch_equals_per_prompt_generate(shape):
@@ -100,3 +102,33 @@ def test_generate_batch_equals_per_prompt_generate(shape):
         ids = torch.tensor([tokens])
         reference = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
         assert got[index] == reference[0, len(tokens) :].tolist(), f"request {index}"
+
+
+def paged_bytes_per_token(model) -> float:
+    """Bytes of keys and values (all layers) one token takes in the paged cache the engine builds for `model`."""
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False), continuous_batching_config=SMALL_PAGES)
+    try:
+        cache = manager._create_batch_processor().cache
+        return sum(ca.bytes_per_page * len(ca.layer_indices) / ca.tokens_per_page for ca in cache.cache_allocators.values())
+    finally:
+        manager.destroy()
+
+
+@pytest.mark.parametrize(
+    "components, fraction_524",
+    [(4, 1.0), (2, 0.5), (1, 0.25), ([2, 1], 0.5), ([4, 1], 1.0)],
+    ids=["uncompressed", "half", "quarter", "per_layer_2_1", "per_layer_4_1"],
+)
+def test_paged_pages_hold_component_heads(components, fraction_524):
+    """From 5.24 on a page holds the largest h' heads of the model (h'/h of Llama's page for a uniform h'); up to
+    5.23 the paged kernels write the pages and they hold the h virtual heads."""
+    from mea_hf.cache_mea import MODEL_WRITES_PAGES
+    from mea_hf.memory import kv_bytes_per_token
+
+    model = make_model(num_key_value_heads=4, num_component_heads=components)
+    llama = tiny_model(transformers.LlamaForCausalLM, num_key_value_heads=4)
+    mea_bytes, llama_bytes = paged_bytes_per_token(model), paged_bytes_per_token(llama)
+    assert llama_bytes == kv_bytes_per_token(llama.config, dtype=llama.dtype)
+    assert mea_bytes / llama_bytes == (fraction_524 if MODEL_WRITES_PAGES else 1.0)
+    if MODEL_WRITES_PAGES and components in (2, 1):  # uniform h': exactly MEACache's cost per token
+        assert mea_bytes == kv_bytes_per_token(model.config, dtype=model.dtype)

@@ -1,0 +1,178 @@
+"""Serving benchmark: Llama vs MEA h'=h/2 and h/4 under continuous batching (`generate_batch`), same KV budget.
+
+Every row gets a paged cache of the same bytes (`--kv-mib`; `num_blocks` is derived from the bytes one token takes in
+that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
+all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
+- most sequences held at once: the largest number of requests in one forward of the engine;
+- generated tokens/s over the whole stream (wall clock, including prefills);
+- peak resident memory (Linux VmHWM) and its growth over the resident size once the model is built.
+Ratios are to the Llama row of the same run (JSON, PNG, Markdown table).
+
+    python benchmarks/bench_serve.py --out runs/bench_serve
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from mea_hf.cache_mea import PagedConfigView
+from mea_hf.configuration_mea import MEAConfig
+from mea_hf.memory import kv_bytes_per_token
+from mea_hf.modeling_mea import MEAForCausalLM
+from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.tables import markdown_table
+
+ROWS = {"llama": ("Llama", None), "mea_half": ("MEA h'=h/2", 2), "mea_quarter": ("MEA h'=h/4", 4)}
+MIB = 2**20
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench_serve")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8, help="query heads = KV heads h (MHA)")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--prompt-min", type=int, default=16)
+    parser.add_argument("--prompt-max", type=int, default=160)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--kv-mib", type=float, default=8.0, help="paged KV cache budget of every row")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    return parser.parse_args(argv)
+
+
+def build(row: str, args):
+    dims = dict(
+        vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    divisor = ROWS[row][1]
+    torch.manual_seed(args.seed)
+    if divisor is None:
+        return LlamaForCausalLM(LlamaConfig(**dims)).eval()
+    return MEAForCausalLM(MEAConfig(**dims, num_component_heads=args.heads // divisor)).eval()
+
+
+def requests(args) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.requests,), generator=generator)
+    return [torch.randint(3, 1024, (int(n),), generator=generator).tolist() for n in lengths]
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_row(row: str, args) -> dict:
+    torch.set_num_threads(1)
+    model = build(row, args)
+    config = model.config if ROWS[row][1] is None else PagedConfigView(model.config)
+    page_bytes_per_token = kv_bytes_per_token(config, dtype=model.dtype)
+    num_blocks = int(args.kv_mib * MIB // (page_bytes_per_token * args.page_size))
+    cb_config = ContinuousBatchingConfig(
+        num_blocks=num_blocks, page_size=args.page_size, max_batch_tokens=args.max_batch_tokens
+    )
+    held = []
+    model.register_forward_pre_hook(
+        lambda module, a, kwargs: held.append(len(kwargs["cu_seq_lens_q"]) - 1), with_kwargs=True
+    )
+    stream = requests(args)
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    base_rss = rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=stream, generation_config=generation, continuous_batching_config=cb_config)
+    seconds = time.perf_counter() - start
+    generated = sum(len(result.generated_tokens) for result in results.values())
+    if generated != args.requests * args.new_tokens:
+        raise RuntimeError(f"{row}: {generated} tokens generated, expected {args.requests * args.new_tokens}")
+    return {
+        "label": ROWS[row][0],
+        "page_bytes_per_token": page_bytes_per_token,
+        "num_blocks": num_blocks,
+        "cache_tokens": num_blocks * args.page_size,
+        "most_sequences_held": max(held),
+        "forwards": len(held),
+        "tokens_per_s": generated / seconds,
+        "seconds": seconds,
+        "peak_rss_mib": rss_kib("VmHWM") / 1024,
+        "rss_growth_mib": (rss_kib("VmHWM") - base_rss) / 1024,
+    }
+
+
+def add_ratios(results: dict) -> None:
+    base = results.get("llama")
+    for row in results.values():
+        for key in ("cache_tokens", "most_sequences_held", "tokens_per_s", "peak_rss_mib", "rss_growth_mib"):
+            row[f"{key}_ratio"] = row[key] / base[key] if base else None
+
+
+def table(results: dict) -> str:
+    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "tokens/s", "peak RSS MiB", "RSS growth MiB"]
+
+    def cell(row, key, fmt):
+        ratio = row.get(f"{key}_ratio")
+        return fmt.format(row[key]) + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+    rows = [
+        [r["label"], r["page_bytes_per_token"], cell(r, "cache_tokens", "{}"), cell(r, "most_sequences_held", "{}"),
+         cell(r, "tokens_per_s", "{:.1f}"), cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "rss_growth_mib", "{:.0f}")]
+        for r in results.values()
+    ]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    from mea_hf.utils.plots import plt, save_figure
+
+    keys = [("most_sequences_held", "most sequences held"), ("tokens_per_s", "generated tokens/s"),
+            ("peak_rss_mib", "peak RSS (MiB)")]  # fmt: skip
+    figure, axes = plt.subplots(1, len(keys), figsize=(13, 4))
+    labels = [row["label"] for row in results.values()]
+    for axis, (key, title) in zip(axes, keys):
+        axis.bar(labels, [row[key] for row in results.values()])
+        axis.set_title(title)
+    figure.suptitle("Continuous batching, same paged KV budget")
+    save_figure(figure, path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.row:
+        print(json.dumps(measure_row(args.row, args)))
+        return 0
+    results = {}
+    for row in tqdm(args.rows, desc="rows"):
+        done = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"row {row} failed:\n{done.stderr[-3000:]}")
+        results[row] = json.loads(done.stdout.strip().splitlines()[-1])
+    add_ratios(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {"args": vars(args), "results": results})
+    atomic_write_text(out / "table.md", table(results) + "\n")
+    plot(results, out / "serve.png")
+    print(table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'serve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
