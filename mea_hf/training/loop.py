@@ -125,6 +125,7 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     out = Path(s.out)
     accelerator = _accelerator(s)
     world = accelerator.num_processes
+    s = s.with_token_budget(world)
 
     def emit(event: str, **info) -> None:
         if on_event is not None:

@@ -30,6 +30,7 @@ class TrainSettings:
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1
     max_steps: int = 200  # optimizer steps
+    max_tokens: int = 0  # token budget: when > 0 it sets max_steps = ceil(max_tokens / tokens per optimizer step)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -75,6 +76,8 @@ class TrainSettings:
                     "keep_checkpoints", "lr"):  # fmt: skip
             if getattr(self, key) <= 0:
                 raise ValueError(f"setting `{key}` must be positive, got {getattr(self, key)!r}.")
+        if self.max_tokens < 0:
+            raise ValueError(f"setting `max_tokens` must be >= 0 (0: max_steps decides), got {self.max_tokens}.")
         if self.save_every < 0:
             raise ValueError(f"setting `save_every` must be >= 0 (0: no checkpoints), got {self.save_every}.")
         if self.resume and self.save_every == 0:
@@ -105,6 +108,17 @@ class TrainSettings:
                              "a fresh `model` would use a tokenizer trained on the data.")  # fmt: skip
         if self.tokenizer is not None:
             raise ValueError("setting `teacher`: leave `tokenizer` unset; the student folder's tokenizer is used.")
+
+    def with_token_budget(self, num_processes: int) -> "TrainSettings":
+        """These settings with `max_steps` from `max_tokens` (when set) for `num_processes` processes."""
+        if not self.max_tokens:
+            return self
+        per_step = self.block_size * self.batch_size * self.grad_accum * num_processes
+        steps = -(-self.max_tokens // per_step)
+        if self.warmup_steps >= steps:
+            raise ValueError(f"setting `max_tokens` {self.max_tokens} gives {steps} steps of {per_step} tokens, not "
+                             f"more than `warmup_steps` {self.warmup_steps}; lower warmup_steps.")  # fmt: skip
+        return dataclasses.replace(self, max_steps=steps)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

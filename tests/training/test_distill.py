@@ -45,7 +45,9 @@ def test_distillation_loss_is_zero_for_equal_logits_and_matches_kl():
 
 
 def test_teacher_equal_to_student_gives_zero_kl_loss(folders, tmp_path):
-    summary = train(_settings(folders, tmp_path, teacher=str(folders / "student"), max_steps=2, lr=1e-12))
+    # max_tokens 200 with 4 x 32 tokens per step: 2 steps (the token budget rounds up to whole steps).
+    summary = train(_settings(folders, tmp_path, teacher=str(folders / "student"), max_tokens=200, lr=1e-12))
+    assert summary["steps"] == 2 and summary["tokens_seen"] == 256
     losses = [record["loss"] for record in read_metrics(summary["out_dir"]) if "loss" in record]
     assert len(losses) == 2 and max(abs(loss) for loss in losses) < 1e-5
     assert not checkpoint_dirs(tmp_path / "run")  # save_every 0: no checkpoints, only final/
@@ -87,6 +89,7 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
         ({"distill_temperature": 0}, "distill_temperature"),
         ({"train_only": "mlp"}, "train_only"),
         ({"save_every": -1}, "save_every"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"save_every": 0, "resume": True}, "resume"),
         ({"teacher": None, "distill_alpha": 0.5}, "need a `teacher`"),
         ({"init_from": None, "model": "tiny-mea"}, "needs `init_from`"),
@@ -96,6 +99,8 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
         with pytest.raises(ValueError, match=message):
             TrainSettings.from_dict({**base, **overrides})
 
+    with pytest.raises(ValueError, match="setting `max_tokens` 100 gives 1 steps"):
+        train({**base, "max_tokens": 100})
     with pytest.raises(FileNotFoundError, match="setting `teacher`"):
         train({**base, "teacher": str(tmp_path / "missing")})
     other_vocab = tmp_path / "other-vocab"
