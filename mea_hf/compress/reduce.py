@@ -38,8 +38,8 @@ from ..modeling_mea import compose_heads, default_hlc
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
-CALIB_STEPS = 100
-CALIB_LR = 0.02  # Adam step size, as a fraction of each refined tensor's RMS
+CALIB_STEPS = 60
+CALIB_LR = 0.06  # Adam step size, as a fraction of each refined tensor's RMS
 CALIB_PATIENCE, CALIB_TOL = 10, 0.005  # stop refining when 10 steps improve the error by less than 0.5%
 
 
@@ -291,10 +291,10 @@ def _pca_start(attn, heads: int, inputs) -> None:
         fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
 
 
-def _refine(attn, inputs, targets, steps: int) -> tuple[float, float]:
+def _refine(attn, inputs, targets, steps: int) -> list[float]:
     """Adam on the k/v projections and HLC matrices against the original attention output; keeps the best step and
     stops early once `CALIB_PATIENCE` steps improve the best error by less than `CALIB_TOL` of it.
-    Returns (error before refinement, error after), sums of squares."""
+    Returns the best error (sum of squares) after each pass: before refinement first, the kept one last."""
     tensors = _kv_tensors(attn)
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
@@ -323,7 +323,7 @@ def _refine(attn, inputs, targets, steps: int) -> tuple[float, float]:
             tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    return bests[0], best_error
+    return bests
 
 
 def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, float]:
@@ -347,8 +347,8 @@ def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, flo
     if steps == 0:
         error = attention_output_error(attn, inputs, targets) / size
         return error, error
-    start, end = _refine(attn, inputs, targets, steps)
-    return start / size, end / size
+    errors = _refine(attn, inputs, targets, steps)
+    return errors[0] / size, errors[-1] / size
 
 
 def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int, progress: bool) -> None:
