@@ -80,7 +80,8 @@ def run(args) -> int:
             tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
         )
     reduce_kv_heads(
-        model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps
+        model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
+        progress=True,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {

