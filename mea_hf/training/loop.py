@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..convert import public_name
 from ..utils.atomic import atomic_write_json
 from .checkpoints import (
     MetricsLog,
@@ -304,13 +305,13 @@ def _write_outputs(out: Path, model, tokenizer, s: TrainSettings, summary: dict)
 
 
 def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
-    source = s.init_from or f"`{s.model}` (from scratch)"
+    source = f"`{public_name(s.init_from)}`" if s.init_from else f"`{s.model}` (from scratch)"  # no local paths
     return (
         f"Trained with `mea train` (mea-hf, accelerate, {num_processes} process(es)) from {source} on data "
         f"`{s.data}`: {tokens_seen:,} tokens, block size {s.block_size}, AdamW lr {s.lr:g} "
         f"(weight decay {s.weight_decay:g}), {s.schedule} schedule with {s.warmup_steps} "
         f"warmup steps to {s.min_lr_ratio:g} x lr, {s.max_steps} steps, seed {s.seed}."
-        + (f" Distilled from `{s.teacher}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
+        + (f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
            f" + {1 - s.distill_alpha:g} x LM loss)." if s.teacher else "")
         + (" Only the attention parameters were trained." if s.train_only == "attention" else "")
     )

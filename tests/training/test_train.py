@@ -231,4 +231,5 @@ def test_init_from_continues_from_a_saved_folder(small_data, tmp_path):
     second = train({**settings, "model": None, "init_from": first["final_dir"]})
     # Same weights, tokenizer and validation blocks: the continued run starts at the first run's final loss.
     assert second["initial_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-6)
-    assert "from " + first["final_dir"] in (tmp_path / "second" / "run" / "final" / "README.md").read_text()
+    card = (tmp_path / "second" / "run" / "final" / "README.md").read_text()
+    assert "from `final`" in card and str(tmp_path) not in card  # the card names the folder, never a local path
