@@ -7,6 +7,8 @@ this command makes `transformers.MEAForCausalLM` (and the other MEA classes) nam
 
 from pathlib import Path
 
+from ..hub.folders import check_model_folder
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("folder", help="MEA model folder with a tokenizer (a chat template for /v1/chat/completions)")
@@ -38,8 +40,7 @@ def register_mea_architectures() -> None:
 def build_server(args, non_blocking: bool = False):
     """transformers' `Serve` for `args.folder`, preloaded, with continuous batching unless turned off."""
     folder = Path(args.folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    check_model_folder(folder, mea_only=True, what="folder")
     from transformers.cli.serve import Serve
     from transformers.utils.import_utils import is_serve_available
 
