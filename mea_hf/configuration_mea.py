@@ -6,6 +6,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 HEAD_NORMS = ("rms", None)
 KV_DECODE_PATHS = ("auto", "reconstruct", "absorb")
+COMPOSITIONS = ("scalar", "banded")
 # Remote-code entry points written into every saved config. `save_pretrained` alone records only the class being
 # saved, so without this a folder saved from MEAForCausalLM would not load through AutoModel (or the classifier
 # class) with trust_remote_code. Entries already present (e.g. "repo--modeling_mea.MEAModel" from the Hub) win.
@@ -30,6 +31,12 @@ class MEAConfig(PreTrainedConfig):
         Mix keys / values across heads with a learned (h' x h) matrix per layer. Required when h' < h. A fresh
         model starts from the identity when h' = h (exactly standard attention); when h' < h, virtual head j starts
         as a copy of component j * h' // h (grouped-query attention over the components).
+    composition (`"scalar"` or `"banded"`, defaults to `"scalar"`):
+        The form of HLC. `"scalar"` (the paper): one weight per (component, virtual head), `hlc_k`/`hlc_v` of shape
+        (h', h). `"banded"`: keys are mixed by one complex weight per (component, virtual head, RoPE frequency pair),
+        `hlc_k` of shape (h', h, 2, head_dim // 2) holding (real, imaginary) parts, which still commutes with RoPE;
+        values by a full (head_dim x head_dim) map per (component, virtual head), `hlc_v` of shape
+        (h', h, head_dim, head_dim). Same cache size; a strict generalisation of `"scalar"` (docs/design.md §4).
     head_norm (`"rms"` or `None`, defaults to `"rms"`):
         Per-head RMSNorm of each attention output before `o_proj`, with a learned per-channel scale.
     qk_norm (`bool`, defaults to `False`):
@@ -87,6 +94,7 @@ class MEAConfig(PreTrainedConfig):
     head_norm: str | None = "rms"
     qk_norm: bool = False
     kv_decode: str = "auto"
+    composition: str = "scalar"
 
     def __post_init__(self, **kwargs):
         self._check_positive_sizes()
@@ -151,6 +159,12 @@ class MEAConfig(PreTrainedConfig):
                 )
         if self.head_norm not in HEAD_NORMS:
             raise ValueError(f"`head_norm` must be one of {HEAD_NORMS}, got {self.head_norm!r}.")
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"`composition` must be one of {COMPOSITIONS}, got {self.composition!r}.")
+        if self.composition == "banded" and self.head_dim % 2:
+            raise ValueError(f"`composition='banded'` pairs RoPE channels and needs an even `head_dim`, got {self.head_dim}.")
+        if self.composition == "banded" and not (self.hlc_keys and self.hlc_values):
+            raise ValueError("`composition='banded'` needs `hlc_keys=True` and `hlc_values=True`.")
         if self.kv_decode not in KV_DECODE_PATHS:
             raise ValueError(f"`kv_decode` must be one of {KV_DECODE_PATHS}, got {self.kv_decode!r}.")
 

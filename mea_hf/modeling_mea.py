@@ -65,15 +65,51 @@ def default_hlc(num_component_heads: int, num_kv_heads: int) -> torch.Tensor:
     return hlc
 
 
-def compose_heads(components: torch.Tensor, hlc: torch.Tensor | None) -> torch.Tensor:
-    """Head-level Linear Composition: (batch, h', seq, d) x (h', h) -> (batch, h, seq, d). `None` is identity."""
-    if hlc is None:
+def banded_from_scalar(hlc: torch.Tensor, which: str, head_dim: int) -> torch.Tensor:
+    """The `composition="banded"` parameter equal to a scalar HLC (h', h): keys (h', h, 2, d/2) with the weight as
+    the real part of every band, values (h', h, d, d) = weight * identity."""
+    if which == "k":
+        real = hlc[..., None].expand(*hlc.shape, head_dim // 2)
+        return torch.stack([real, torch.zeros_like(real)], dim=2)
+    return hlc[..., None, None] * torch.eye(head_dim, dtype=hlc.dtype, device=hlc.device)
+
+
+def band_maps(bands: torch.Tensor) -> torch.Tensor:
+    """Banded key mixing (h', h, 2, d/2) as the equivalent (h', h, d, d) maps acting on rows (k_virtual = k_c @ map).
+
+    RoPE rotates channel pairs (j, j + d/2) as complex numbers; multiplying pair j by the complex weight a + ib is
+    (x_j, x_j+d/2) -> (a x_j - b x_j+d/2, b x_j + a x_j+d/2), which commutes with any rotation of that pair."""
+    real, imag = (torch.diag_embed(part) for part in bands.unbind(2))
+    return torch.cat([torch.cat([real, imag], -1), torch.cat([-imag, real], -1)], -2)
+
+
+def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torch.Tensor:
+    """Head-level Linear Composition: (batch, h', seq, d) -> (batch, h, seq, d). `mixing` is a scalar HLC (h', h),
+    per-pair maps (h', h, d, d) (virtual head i = sum_c component_c @ mixing[c, i]), or `None` for identity."""
+    if mixing is None:
         return components
     batch, num_components, seq_len, head_dim = components.shape
+    num_heads = mixing.shape[1]
+    if mixing.dim() == 4:  # one (seq, h'd) @ (h'd, hd) product against the block matrix of all maps
+        blocks = mixing.to(components.dtype).permute(0, 2, 1, 3).reshape(num_components * head_dim, -1)
+        mixed = components.transpose(1, 2).reshape(batch, seq_len, -1) @ blocks
+        return mixed.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)
     # One (h x h') @ (h' x seq*d) product per sequence, written straight into the output layout (no copies).
-    mixing = hlc.t().to(components.dtype).expand(batch, -1, -1)
-    mixed = torch.bmm(mixing, components.reshape(batch, num_components, seq_len * head_dim))
-    return mixed.view(batch, hlc.shape[1], seq_len, head_dim)
+    weights = mixing.t().to(components.dtype).expand(batch, -1, -1)
+    mixed = torch.bmm(weights, components.reshape(batch, num_components, seq_len * head_dim))
+    return mixed.view(batch, num_heads, seq_len, head_dim)
+
+
+def _per_query_head(mixing: torch.Tensor, component: int, group: torch.Tensor) -> torch.Tensor:
+    """Component `component`'s mixing weight for every query head, broadcastable against (B, H, T, d) rows:
+    (H, 1, 1) scalars or (H, d, d) maps."""
+    weights = mixing[component, group]
+    return weights[:, None, None] if weights.dim() == 1 else weights
+
+
+def _mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows (B, H, T, d) times per-head weights from `_per_query_head`: a scaling, or a (d, d) matrix product."""
+    return rows * weights if weights.shape[-1] == 1 else rows @ weights
 
 
 def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -92,24 +128,25 @@ def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device
     return mask[..., :kv_len].to(dtype)
 
 
-def absorbed_attention(query, key_components, value_components, hlc_k, hlc_v, mask, scaling, kv_groups):
+def absorbed_attention(query, key_components, value_components, mixing_k, mixing_v, mask, scaling, kv_groups):
     """Attention over the compressed cache without materialising virtual heads (docs/design.md §2, "absorb").
 
-    For query head i of KV group g:  logit_i = sum_c (W_k[c, g] q_i) . k_c,  out_i = sum_c W_v[c, g] (p_i @ v_c).
-    Each component is read once, by one matmul with all H*T queries as rows, accumulated in place, so nothing
-    bigger than the (H*T, S) scores is ever written.
+    For query head i of KV group g:  logit_i = sum_c (q_i W_k[c, g]^T) . k_c,  out_i = sum_c (p_i @ v_c) W_v[c, g],
+    with W[c, g] a scalar HLC weight or a (d, d) map (`compose_heads`). Each component is read once, by one matmul
+    with all H*T folded queries as rows, accumulated in place, so nothing bigger than the (H*T, S) scores is written.
     Shapes: query (B, H, T, d); components (B, h', S, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
     """
     batch, num_heads, query_len, head_dim = query.shape
     num_components, kv_len = key_components.shape[1:3]
     group = torch.arange(num_heads, device=query.device) // kv_groups
-    w_k = (hlc_k[:, group] * scaling).to(query.dtype)[:, None, :, None, None]  # (h', 1, H, 1, 1), scale folded in
-    w_v = hlc_v[:, group].to(query.dtype)[:, None, :, None, None]
+    mixing_k = (mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k) * scaling  # scale folded in
+    mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
     rows = (batch, num_heads * query_len, head_dim)
 
     scores = query.new_zeros(batch, num_heads * query_len, kv_len)
     for c in range(num_components):
-        scores.baddbmm_((query * w_k[c]).reshape(rows), key_components[:, c].transpose(1, 2))
+        folded = _mix_rows(query, _per_query_head(mixing_k, c, group))
+        scores.baddbmm_(folded.reshape(rows), key_components[:, c].transpose(1, 2))
     scores = scores.view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
@@ -118,7 +155,10 @@ def absorbed_attention(query, key_components, value_components, hlc_k, hlc_v, ma
 
     flat_probs = probs.view(batch, num_heads * query_len, kv_len)
     output = sum(
-        torch.bmm(flat_probs, value_components[:, c]).view(batch, num_heads, query_len, head_dim) * w_v[c]
+        _mix_rows(
+            torch.bmm(flat_probs, value_components[:, c]).view(batch, num_heads, query_len, head_dim),
+            _per_query_head(mixing_v, c, group),
+        )
         for c in range(num_components)
     )
     return output.transpose(1, 2), probs
@@ -153,9 +193,8 @@ class MEAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_component_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_component_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
-        hlc_shape = (self.num_component_heads, self.num_kv_heads)
-        self.hlc_k = nn.Parameter(default_hlc(*hlc_shape)) if config.hlc_keys else None
-        self.hlc_v = nn.Parameter(default_hlc(*hlc_shape)) if config.hlc_values else None
+        self.hlc_k = nn.Parameter(self.initial_hlc("k")) if config.hlc_keys else None
+        self.hlc_v = nn.Parameter(self.initial_hlc("v")) if config.hlc_values else None
         if config.qk_norm:
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -164,6 +203,18 @@ class MEAAttention(nn.Module):
             if config.head_norm == "rms"
             else None
         )
+
+    def initial_hlc(self, which: str) -> torch.Tensor:
+        """A fresh HLC parameter for keys ("k") or values ("v"): `default_hlc`, in the config's `composition`."""
+        hlc = default_hlc(self.num_component_heads, self.num_kv_heads)
+        return hlc if self.config.composition == "scalar" else banded_from_scalar(hlc, which, self.head_dim)
+
+    def mixing(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(keys, values) HLC in the form `compose_heads` and `absorbed_attention` take: the (h', h) matrices, or
+        for `composition="banded"` the key bands as (h', h, d, d) maps (`band_maps`) and the value maps."""
+        if self.hlc_k is not None and self.hlc_k.dim() == 4:
+            return band_maps(self.hlc_k), self.hlc_v
+        return self.hlc_k, self.hlc_v
 
     def _stores_composed(self) -> bool:
         """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, so
@@ -202,7 +253,7 @@ class MEAAttention(nn.Module):
 
         if isinstance(cache, PagedAttentionCache):
             return self._paged_forward(query, key_components, value_components, attention_mask, cache, **kwargs)
-        hlc_k, hlc_v = self.hlc_k, self.hlc_v
+        hlc_k, hlc_v = mixing = self.mixing()
         if self._stores_composed():  # compose once, as tokens enter the cache; attention then reads plain heads
             key_components, value_components = compose_heads(key_components, hlc_k), compose_heads(value_components, hlc_v)
             hlc_k = hlc_v = None
@@ -211,7 +262,7 @@ class MEAAttention(nn.Module):
 
         if hlc_k is not None and self._use_absorb(query.shape[2], cached=cache is not None):
             attn_output, attn_weights = absorbed_attention(
-                query, key_components, value_components, self.hlc_k, self.hlc_v,
+                query, key_components, value_components, *mixing,
                 attention_mask, self.scaling, self.num_key_value_groups,
             )  # fmt: skip
         else:
@@ -243,7 +294,7 @@ class MEAAttention(nn.Module):
         `ABSORB_MAX_QUERY_LEN` tokens when `kv_decode` allows it, else composed (reconstruct). Pages of h heads (a [2, 1] model, or a cache
         the stock engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages
         themselves from their keyword arguments, so they always get the virtual heads."""
-        hlc_k, hlc_v = self.hlc_k, self.hlc_v
+        hlc_k, hlc_v = self.mixing()
         page_heads = cache.layer_to_allocator[self.layer_idx].num_key_value_heads if MODEL_WRITES_PAGES else None
         if page_heads is None or page_heads >= self.num_kv_heads:
             key_components, value_components = compose_heads(key_components, hlc_k), compose_heads(value_components, hlc_v)
@@ -332,9 +383,9 @@ class MEAPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, MEAAttention):
-            for hlc in (module.hlc_k, module.hlc_v):
+            for which, hlc in (("k", module.hlc_k), ("v", module.hlc_v)):
                 if hlc is not None:
-                    init.copy_(hlc, default_hlc(*hlc.shape))
+                    init.copy_(hlc, module.initial_hlc(which))
 
 
 class MEAModel(MEAPreTrainedModel):

@@ -24,6 +24,9 @@ SHAPES = {
     "gqa_uncompressed": dict(num_key_value_heads=2, num_component_heads=2),
     "gqa_one_component": dict(num_key_value_heads=2, num_component_heads=1),
     "gqa_second_layer_only": dict(num_key_value_heads=2, num_component_heads=[2, 1]),
+    # Banded HLC (complex key weights per RoPE pair, d x d value maps), compressed and partly compressed.
+    "mha_half_banded": dict(num_key_value_heads=4, num_component_heads=2, composition="banded"),
+    "gqa_second_layer_only_banded": dict(num_key_value_heads=2, num_component_heads=[2, 1], composition="banded"),
 }
 PATHS = ("reconstruct", "absorb")
 ALL_CASES = [pytest.param(shape, path, id=f"{shape}-{path}") for shape in SHAPES for path in PATHS]
@@ -38,6 +41,8 @@ CASES = [
         "gqa_uncompressed-absorb",
         "gqa_one_component-reconstruct",
         "gqa_second_layer_only-absorb",
+        "mha_half_banded-absorb",
+        "gqa_second_layer_only_banded-reconstruct",
     }
 ]
 NEW_TOKENS = 8
@@ -188,7 +193,7 @@ def test_pipeline_and_streamer(shape, path, tokenizer):
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("shape", ["mha_half", "gqa_one_component", "gqa_second_layer_only"])
+@pytest.mark.parametrize("shape", ["mha_half", "gqa_one_component", "gqa_second_layer_only", "mha_half_banded"])
 def test_absorb_matches_reconstruct(shape, attn_implementation, monkeypatch):
     """The absorbed attention equals reconstruct-then-attend on the same cache, for a left-padded batch: prefill
     (T > 1, no cache), a 3-token chunk over a cache (T > 1) and single-token steps (T = 1)."""

@@ -25,7 +25,13 @@ from mea_hf.memory import kv_bytes_per_token
 from mea_hf.modeling_mea import compose_heads
 
 HEAD_DIM = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]
-SHAPES = {"uncompressed": 2, "one_component": 1, "mixed": [2, 1]}  # h' per layer of a GQA model with h = 2
+# h' per layer of a GQA model with h = 2, and the HLC form (composition)
+SHAPES = {
+    "uncompressed": (2, "scalar"),
+    "one_component": (1, "scalar"),
+    "mixed": ([2, 1], "scalar"),
+    "mixed_banded": ([2, 1], "banded"),
+}
 INT8_ATOL = 0.05  # max |logit difference| int8 vs float cache on the tiny perturbed models (logits are O(1))
 
 
@@ -51,7 +57,8 @@ def test_kv_decode_defaults_to_auto_and_lists_allowed_values():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_auto_is_exact_and_stores_composed_heads_only_where_nothing_is_saved(shape, monkeypatch):
-    model = make_model(SHAPES[shape])
+    heads, composition = SHAPES[shape]
+    model = make_model(heads, composition=composition)
     ids = prompt()
     cached = generate(model, ids)
     uncached = generate(model, ids, use_cache=False)
@@ -70,7 +77,7 @@ def test_auto_is_exact_and_stores_composed_heads_only_where_nothing_is_saved(sha
         attention = model.model.layers[layer].self_attn
         expected = comp.keys
         if attention.num_component_heads == attention.num_kv_heads:
-            expected = compose_heads(comp.keys, attention.hlc_k)
+            expected = compose_heads(comp.keys, attention.mixing()[0])
             assert not torch.allclose(expected, comp.keys)  # the HLC is not identity: the check means something
         torch.testing.assert_close(stored.keys, expected, atol=1e-5, rtol=0)
 
@@ -179,7 +186,8 @@ def test_int8_bytes_are_payload_plus_scales():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_logits_close_to_float_cache(shape):
-    model = make_model(SHAPES[shape])
+    heads, composition = SHAPES[shape]
+    model = make_model(heads, composition=composition)
     ids = prompt(length=12)
     float_cache, int8_cache = MEACache(model.config), MEAQuantizedCache(model.config)
     for start, end in [(0, 8), (8, 9), (9, 10), (10, 12)]:  # prefill, decode steps, a short verification chunk

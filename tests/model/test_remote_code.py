@@ -36,10 +36,11 @@ def greedy(model):
     return model.generate(INPUT_IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer):
-    """A compressed, perturbed model with kv_decode="absorb", saved with `save_folder` (tokenizer and card)."""
-    model = compressed_model(kv_decode="absorb")
+@pytest.fixture(scope="module", params=["scalar", "banded"])
+def saved(request, tmp_path_factory, tokenizer):
+    """A compressed, perturbed model with kv_decode="absorb" and either HLC form, saved with `save_folder`
+    (tokenizer and card)."""
+    model = compressed_model(kv_decode="absorb", composition=request.param)
     folder = save_folder(model, tmp_path_factory.mktemp("saved") / "mea", tokenizer, card={"how_made": "test"})
     with torch.no_grad():
         logits = model(INPUT_IDS).logits
