@@ -2,7 +2,15 @@
 
 from pathlib import Path
 
-from ..compress.reduce import CALIB_STEPS, METHODS, describe_compression, parse_layers, reduce_kv_heads
+from ..compress.reduce import (
+    CALIB_STEPS,
+    METHODS,
+    check_composition,
+    describe_compression,
+    parse_layers,
+    reduce_kv_heads,
+)
+from ..configuration_mea import COMPOSITIONS
 from ..data.loading import token_blocks
 from ..hub.folders import check_model_folder, load_folder
 from ..utils.atomic import check_output_dir
@@ -24,6 +32,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--method", choices=METHODS, default="svd", help="svd: data-free (paper); calib: uses --calib-data"
     )
+    parser.add_argument(
+        "--composition", choices=COMPOSITIONS,
+        help="HLC form: 'banded' mixes keys per RoPE pair and values by d x d maps (same cache size, lower loss); "
+        "default: the model's own (scalar for converted models)",
+    )  # fmt: skip
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
     parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="calibration blocks (calib)")
     parser.add_argument(
@@ -72,6 +85,7 @@ def run(args) -> int:
 
     config = check_model_folder(args.model, mea_only=True, what="--model")
     kv_heads, layers = _layers_from_args(args, config)
+    check_composition(config, args.composition)
     check_output_dir(args.out, args.overwrite, what="--out")
     model, tokenizer = load_folder(args.model, args.dtype)
     calib_blocks = None
@@ -81,7 +95,7 @@ def run(args) -> int:
         )
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
-        progress=True,
+        progress=True, composition=args.composition,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from ..modeling_mea import compose_heads, default_hlc
+from ..configuration_mea import COMPOSITIONS
+from ..modeling_mea import banded_from_scalar, compose_heads, default_hlc
+from . import factors
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
@@ -90,74 +92,49 @@ def _targets(config, num_component_heads, layers) -> dict[int, int]:
     return targets
 
 
-def _hlc(attn, name: str) -> torch.Tensor:
-    """The layer's HLC matrix (h', h) in float64; identity when the model has none."""
-    hlc = getattr(attn, name)
-    if hlc is None:
-        return default_hlc(attn.num_kv_heads, attn.num_kv_heads).double()
-    return hlc.detach().double().cpu()
-
-
-def _component_rows(attn, which: str) -> torch.Tensor:
-    """(h', d, D+1) float64: [W_c | b_c] of every component head of keys ("k") or values ("v")."""
-    proj = attn.k_proj if which == "k" else attn.v_proj
-    heads, head_dim = attn.num_component_heads, attn.head_dim
-    weight = proj.weight.detach().double().cpu().view(heads, head_dim, -1)
-    bias = torch.zeros(heads, head_dim, dtype=torch.float64) if proj.bias is None else proj.bias.detach().double().cpu()
-    return torch.cat([weight, bias.view(heads, head_dim, 1)], dim=2)
-
-
 def effective_projection(attn, which: str) -> torch.Tensor:
     """M: ((D+1)*d, h) float64, column j = [W_j | b_j] of virtual head j of keys ("k") or values ("v")."""
-    rows = _component_rows(attn, which)
-    return (_hlc(attn, f"hlc_{which}").t() @ rows.reshape(rows.shape[0], -1)).t()
+    rows = factors.virtual_rows(attn, which)
+    return rows.reshape(rows.shape[0], -1).t()
 
 
 def virtual_keys_values(attn, normed_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The h virtual keys and values (batch, seq, h, d) of `attn` for normed hidden states, before RoPE (RoPE is
-    one rotation per position for all heads, so it changes no head-axis Gram matrix or mixing error)."""
+    one rotation per position and pair for all heads, so it changes no Gram matrix or mixing error)."""
     shape = (*normed_hidden.shape[:-1], -1, attn.head_dim)
     keys = attn.k_proj(normed_hidden).view(shape)
     if attn.config.qk_norm:
         keys = attn.k_norm(keys)
     values = attn.v_proj(normed_hidden).view(shape)
     return tuple(
-        compose_heads(components.transpose(1, 2), hlc).transpose(1, 2)
-        for components, hlc in ((keys, attn.hlc_k), (values, attn.hlc_v))
+        compose_heads(components.transpose(1, 2), mixing).transpose(1, 2)
+        for components, mixing in zip((keys, values), attn.mixing(), strict=True)
     )
 
 
-def head_gram(heads: torch.Tensor) -> torch.Tensor:
-    """(h, h) float64 Gram matrix over the head axis of (batch, seq, h, d) heads, summed over batch, seq and d."""
-    flat = heads.double().transpose(-1, -2).reshape(-1, heads.shape[-2])
-    return flat.t() @ flat
-
-
-def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A', HLC') with A' = U_r (orthonormal columns) and HLC' = S_r V_r^T: the best rank-r factorisation."""
-    left, singular, right_t = torch.linalg.svd(matrix, full_matrices=False)
-    return left[:, :rank], singular[:rank, None] * right_t[:rank]
-
-
-def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """(h, rank) orthonormal eigenvectors of a symmetric matrix, largest eigenvalues first."""
-    _, vectors = torch.linalg.eigh(gram)
-    return vectors.flip(-1)[:, :rank]
-
-
-def _set_projection(attn, which: str, augmented: torch.Tensor, hlc: torch.Tensor) -> None:
-    """Install A' ((D+1)*d, h') as the new k/v projection and HLC' (h', h) as the new HLC matrix."""
+def _install(attn, which: str, rows: torch.Tensor, hlc: torch.Tensor) -> None:
+    """Install component rows (h', d, D+1) as the new k/v projection and `hlc` as the new HLC parameter."""
     old = attn.k_proj if which == "k" else attn.v_proj
-    heads, head_dim = hlc.shape[0], attn.head_dim
-    rows = augmented.t().reshape(heads, head_dim, -1)  # (h', d, D+1)
-    new = nn.Linear(old.in_features, heads * head_dim, bias=old.bias is not None)
+    heads = rows.shape[0]
+    new = nn.Linear(old.in_features, heads * attn.head_dim, bias=old.bias is not None)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(rows[..., :-1].reshape(heads * head_dim, -1))
+        new.weight.copy_(rows[..., :-1].reshape(heads * attn.head_dim, -1))
         if new.bias is not None:
             new.bias.copy_(rows[..., -1].reshape(-1))
     setattr(attn, f"{which}_proj", new)
     setattr(attn, f"hlc_{which}", nn.Parameter(hlc.to(device=old.weight.device, dtype=old.weight.dtype)))
+
+
+def _install_fit(attn, which: str, heads: int, gram=None, metric=None) -> None:
+    """Factor the layer's virtual keys or values into `heads` components (`factors.fit`): the truncated SVD without
+    `gram`, the PCA of real heads with a data Gram matrix, weighted by `metric` if given."""
+    family = factors.family_of(attn, which)
+    matrix = factors.to_matrix(factors.virtual_rows(attn, which), family)
+    gram = factors.weight_gram(matrix) if gram is None else gram
+    mixing, components = factors.fit(matrix, gram, factors.rank_of(family, heads, attn.head_dim), metric)
+    hlc = factors.hlc_parameter(mixing, family, heads, attn.head_dim)
+    _install(attn, which, factors.from_matrix(components, family, attn.head_dim), hlc)
 
 
 def _enable_hlc(model) -> None:
@@ -173,11 +150,39 @@ def _enable_hlc(model) -> None:
             setattr(model.config, flag, True)
 
 
+def check_composition(config, composition: str | None) -> None:
+    """Refuse a `composition` the model cannot be rewritten into: only scalar -> banded is exact."""
+    if composition is None or composition == config.composition:
+        return
+    if composition not in COMPOSITIONS or config.composition != "scalar":
+        raise ValueError(
+            f"composition must be one of {COMPOSITIONS} and can only go from 'scalar' to 'banded'; the model has "
+            f"{config.composition!r}, asked for {composition!r}."
+        )
+    if config.qk_norm:
+        raise ValueError(
+            "composition='banded' is not supported for qk_norm models (Qwen3): normalised component keys do not mix "
+            "linearly per RoPE pair. Keep the scalar composition for them."
+        )
+
+
+def _use_composition(model, composition: str | None) -> None:
+    """Rewrite a scalar-HLC model in `composition="banded"` form, exactly (`banded_from_scalar`)."""
+    if composition is None or composition == model.config.composition:
+        return
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for which in ("k", "v"):
+            hlc = getattr(attn, f"hlc_{which}")
+            setattr(attn, f"hlc_{which}", nn.Parameter(banded_from_scalar(hlc.detach(), which, attn.head_dim)))
+    model.config.composition = composition
+
+
 def _compress_layer_svd(attn, heads: int) -> None:
     if attn.config.qk_norm:
         return  # only reached with h' unchanged (see _refuse_svd_qk_norm): a basis change would not be exact
     for which in ("k", "v"):
-        _set_projection(attn, which, *svd_factors(effective_projection(attn, which), heads))
+        _install_fit(attn, which, heads)
 
 
 def _refuse_svd_qk_norm(config, targets: dict[int, int]) -> None:
@@ -190,37 +195,57 @@ def _refuse_svd_qk_norm(config, targets: dict[int, int]) -> None:
 
 
 class _LayerStats:
-    """Head-axis statistics of one layer's virtual keys/values, accumulated over calibration batches."""
+    """What the calibration start needs of one layer, accumulated over batches: the Gram matrices of its real virtual
+    keys/values in each one's family, and for banded layers the metric of `factors.fit`: per RoPE pair and virtual
+    head the energy of the queries that read it (keys), per value channel the squared o_proj column norms."""
 
     def __init__(self, attn):
         self.attn = attn
         self.gram = {"k": 0.0, "v": 0.0}
+        self.query_energy = 0.0
         self.component_sq = 0.0  # qk_norm: mean squared pre-norm component key, per component
         self.count = 0
 
     def add(self, normed_hidden: torch.Tensor) -> None:
-        keys, values = virtual_keys_values(self.attn, normed_hidden)
-        self.gram["k"] = self.gram["k"] + head_gram(keys).cpu()
-        self.gram["v"] = self.gram["v"] + head_gram(values).cpu()
-        if self.attn.config.qk_norm:
-            raw = self.attn.k_proj(normed_hidden).double()
-            raw = raw.view(*raw.shape[:-1], self.attn.num_component_heads, -1)
+        attn = self.attn
+        for which, heads in zip(("k", "v"), virtual_keys_values(attn, normed_hidden), strict=True):
+            self.gram[which] = self.gram[which] + factors.data_gram(heads, factors.family_of(attn, which)).cpu()
+        if attn.config.composition == "banded":
+            queries = attn.q_proj(normed_hidden).double().view(-1, attn.num_kv_heads, attn.num_key_value_groups, attn.head_dim)
+            half = attn.head_dim // 2
+            self.query_energy = self.query_energy + (queries[..., :half] ** 2 + queries[..., half:] ** 2).sum((0, 2)).t().cpu()
+        if attn.config.qk_norm:
+            raw = attn.k_proj(normed_hidden).double()
+            raw = raw.view(*raw.shape[:-1], attn.num_component_heads, -1)
             self.component_sq = self.component_sq + raw.pow(2).mean(-1).sum((0, 1))
             self.count += raw.shape[0] * raw.shape[1]
 
+    def metric(self, which: str) -> torch.Tensor:
+        """`factors.fit`'s metric for banded keys (d/2, h) or values (1, h*d)."""
+        if which == "k":
+            return self.query_energy
+        attn = self.attn
+        columns = attn.o_proj.weight.detach().double().cpu().pow(2).sum(0)  # (H*d,)
+        if attn.head_norm is not None:
+            columns = columns * attn.head_norm.weight.detach().double().cpu().reshape(-1).pow(2)
+        per_group = columns.view(attn.num_kv_heads, attn.num_key_value_groups, attn.head_dim).sum(1)
+        return per_group.reshape(1, -1)
 
-def _install_pca(attn, heads: int, stats: _LayerStats) -> None:
-    """A' = M E, HLC' = E^T with E the top-h' eigenvectors of the real keys'/values' head Gram matrices."""
-    keep_k, keep_v = top_eigenvectors(stats.gram["k"], heads), top_eigenvectors(stats.gram["v"], heads)
-    _set_projection(attn, "v", effective_projection(attn, "v") @ keep_v, keep_v.t())
+
+def _install_pca(attn, heads: int, stats: _LayerStats, weighted: bool = False) -> None:
+    """Components and HLC from the PCA of the real keys/values (`factors.fit` with their Gram matrices); banded
+    layers may weight it by `stats.metric`."""
+    for which in ("v", "k") if not attn.config.qk_norm else ("v",):
+        metric = stats.metric(which) if weighted else None
+        _install_fit(attn, which, heads, gram=stats.gram[which], metric=metric)
     if not attn.config.qk_norm:
-        _set_projection(attn, "k", effective_projection(attn, "k") @ keep_k, keep_k.t())
         return
-    # qk_norm: new pre-norm component c' mirrors sum_c (HLC E)[c, c'] n(x W_c) with n(x W_c) ~= x W_c / rms_c.
+    # qk_norm (scalar only): new pre-norm component c' mirrors sum_c (HLC E)[c, c'] n(x W_c) with n(x W_c) ~= x W_c / rms_c.
+    keep_k = torch.linalg.eigh(stats.gram["k"][0])[1].flip(-1)[:, :heads]
     rms = (stats.component_sq / stats.count).sqrt().cpu()
-    scaled = _component_rows(attn, "k") / rms[:, None, None]
-    mix = _hlc(attn, "hlc_k") @ keep_k  # (old h', new h')
-    _set_projection(attn, "k", (mix.t() @ scaled.reshape(len(rms), -1)).t(), keep_k.t())
+    scaled = factors.component_rows(attn, "k") / rms[:, None, None]
+    mix = attn.hlc_k.detach().double().cpu() @ keep_k  # (old h', new h')
+    _install(attn, "k", (mix.t() @ scaled.reshape(len(rms), -1)).reshape(heads, attn.head_dim, -1), keep_k.t())
 
 
 def fit_key_hlc(attn, normed_batches) -> None:
@@ -280,13 +305,10 @@ def _kv_tensors(attn) -> list[nn.Parameter]:
     return [tensor for proj in (attn.k_proj, attn.v_proj) for tensor in proj.parameters()] + [attn.hlc_k, attn.hlc_v]
 
 
-def _pca_start(attn, heads: int, inputs) -> None:
+def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = False) -> None:
     """Install the PCA-of-real-keys/values start (qk_norm keys: normalised mix + least-squares HLC)."""
-    stats = _LayerStats(attn)
-    for normed, _ in inputs:
-        stats.add(normed)
     key_targets = [virtual_keys_values(attn, normed)[0] for normed, _ in inputs] if attn.config.qk_norm else None
-    _install_pca(attn, heads, stats)
+    _install_pca(attn, heads, stats, weighted)
     if attn.config.qk_norm:
         fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
 
@@ -327,26 +349,34 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
 
 
 def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, float]:
-    """Compress one layer by calibration (module docstring): best start of svd and PCA, then refinement.
-    Returns the attention-output mean squared error (against the original layer) at the start and at the end."""
+    """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
+    PCA, then refinement. Returns the attention-output mean squared error (against the original layer) at the start
+    and at the end."""
     attn = layer.self_attn
     inputs = [(layer.input_layernorm(hidden), extras) for hidden, extras in batches]
     targets = [_attention_output(attn, normed, extras) for normed, extras in inputs]
-    original = {name: getattr(attn, name) for name in ("k_proj", "v_proj", "hlc_k", "hlc_v")}
-    _pca_start(attn, heads, inputs)
+    stats = _LayerStats(attn)
+    for normed, _ in inputs:
+        stats.add(normed)
+    starts = [lambda: _pca_start(attn, heads, inputs, stats)]
     if not attn.config.qk_norm:
-        pca = {name: getattr(attn, name) for name in original}
-        pca_error = attention_output_error(attn, inputs, targets)
+        starts.append(lambda: _compress_layer_svd(attn, heads))
+    if attn.config.composition == "banded":
+        starts.append(lambda: _pca_start(attn, heads, inputs, stats, weighted=True))
+    names = ("k_proj", "v_proj", "hlc_k", "hlc_v")
+    original, best, best_error = {name: getattr(attn, name) for name in names}, None, float("inf")
+    for start in starts:
         for name, module in original.items():
             setattr(attn, name, module)
-        _compress_layer_svd(attn, heads)
-        if pca_error < attention_output_error(attn, inputs, targets):
-            for name, module in pca.items():
-                setattr(attn, name, module)
+        start()
+        error = attention_output_error(attn, inputs, targets)
+        if error < best_error:
+            best, best_error = {name: getattr(attn, name) for name in names}, error
+    for name, module in best.items():
+        setattr(attn, name, module)
     size = sum(target.numel() for target in targets)
     if steps == 0:
-        error = attention_output_error(attn, inputs, targets) / size
-        return error, error
+        return best_error / size, best_error / size
     errors = _refine(attn, inputs, targets, steps)
     return errors[0] / size, errors[-1] / size
 
@@ -379,15 +409,16 @@ def _set_heads(model, layer: int, heads: int) -> None:
 @torch.no_grad()
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
-    progress: bool = False,
+    progress: bool = False, composition: str | None = None,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer, stopping early when it stalls; `progress` shows a per-layer bar with the error). Layers not named keep
-    their heads and weights;
+    layer, stopping early when it stalls; `progress` shows a per-layer bar with the error). `composition="banded"`
+    first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
+    d x d value maps. Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
@@ -403,9 +434,11 @@ def reduce_kv_heads(
             raise ValueError(f"calib_steps must be a non-negative integer, got {calib_steps!r}.")
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
+    check_composition(model.config, composition)
     was_training = model.training
     model.eval()
     _enable_hlc(model)
+    _use_composition(model, composition)
     if method == "svd":
         for index, heads in targets.items():
             _compress_layer_svd(model.model.layers[index].self_attn, heads)
@@ -420,6 +453,7 @@ __all__ = [
     "CALIB_STEPS",
     "METHODS",
     "attention_output_error",
+    "check_composition",
     "effective_projection",
     "parse_layers",
     "reduce_kv_heads",
@@ -433,7 +467,7 @@ def describe_compression(source_name: str, method: str, kv_heads: int, layers, c
 
     where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
     return (
-        f"Compressed from `{source_name}` with `mea compress --method {method}`: {where} reduced to {kv_heads} cached "
-        f"KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
+        f"Compressed from `{source_name}` with `mea compress --method {method}` ({config.composition} composition): "
+        f"{where} reduced to {kv_heads} cached KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
         "the uncompressed model's. Continue training (`mea train --init-from FOLDER`) to recover the loss."
     )
