@@ -6,9 +6,11 @@ Steps (each a real `mea_hf` call):
 2. texts: English prose shipped with Python (the `pydoc_data` help topics), split by the built-in corpus' document
    hash: calibration and distillation use train-split topics, bits-per-byte is measured on validation-split topics
    (no document is in both);
-3. for each target h' in `--kv-heads`: `svd` and `calib` on all layers; `calib` on the least sensitive layers for a
-   budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on calibration blocks); recovery of
-   the all-layer calib model by distillation from the converted model (`mea train --teacher`, attention only);
+3. for each target h' in `--kv-heads`: `svd` and `calib` on all layers, with the paper's scalar HLC and with
+   `composition="banded"` (complex key weights per RoPE pair, d x d value maps; same cache size); banded `calib` on
+   the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
+   calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
+   (`mea train --teacher`, attention only, `--distill-tokens`);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
    samples, written as results.json, bpb.png and results.md.
 
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=16)
-    parser.add_argument("--calib-steps", type=int, default=100)
+    parser.add_argument("--calib-steps", type=int, default=60)
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--sensitivity-blocks", type=int, default=8, help="calibration-split blocks; 0 skips it")
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
@@ -163,23 +165,28 @@ def main(argv=None) -> int:
         record("original", reference)
     record("converted", model)
     for heads in (int(h) for h in args.kv_heads.split(",")):
-        for method in ("svd", "calib"):
-            started = time.perf_counter()
-            folder, compressed = pipeline.compress(converted_folder, out / f"{method}-{heads}", heads, method,
-                                                   calib_blocks, calib_steps=args.calib_steps)  # fmt: skip
-            record(f"{method} 3->{heads}", compressed, time.perf_counter() - started)
+        for composition in ("scalar", "banded"):
+            for method in ("svd", "calib"):
+                started = time.perf_counter()
+                label = method if composition == "scalar" else f"{method} banded"
+                folder, compressed = pipeline.compress(
+                    converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks,
+                    calib_steps=args.calib_steps, composition=composition, progress=True,
+                )  # fmt: skip
+                record(f"{label} 3->{heads}", compressed, time.perf_counter() - started)
         if args.sensitivity_blocks:
             started = time.perf_counter()
             report = layer_sensitivity(model, heads, sensitivity_blocks, "svd")
             layers = suggest_layers(report, (1 + heads / 3) / 2)
-            _, compressed = pipeline.compress(converted_folder, out / f"calib-{heads}-budget", heads, "calib",
-                                              calib_blocks, layers=layers, calib_steps=args.calib_steps)  # fmt: skip
-            record(f"calib 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
+            _, compressed = pipeline.compress(converted_folder, out / f"calib-banded-{heads}-budget", heads, "calib",
+                                              calib_blocks, layers=layers, calib_steps=args.calib_steps,
+                                              composition="banded")  # fmt: skip
+            record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
         if args.distill_tokens:
             started = time.perf_counter()
-            summary = distill(args, out / f"calib-{heads}", converted_folder, data, out / f"distill-{heads}")
+            summary = distill(args, out / f"calib-banded-{heads}", converted_folder, data, out / f"distill-{heads}")
             recovered, _ = load_folder(summary["final_dir"], "float32")
-            record(f"calib 3->{heads} + distill", recovered, time.perf_counter() - started,
+            record(f"calib banded 3->{heads} + distill", recovered, time.perf_counter() - started,
                    tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
     plot(results, out / "bpb.png")
     atomic_write_text(out / "results.md", table(results) + "\n")

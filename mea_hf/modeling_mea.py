@@ -26,8 +26,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
     eager_attention_forward,
+    rotate_half,
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -110,6 +110,11 @@ def _per_query_head(mixing: torch.Tensor, component: int, group: torch.Tensor) -
 def _mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows (B, H, T, d) times per-head weights from `_per_query_head`: a scaling, or a (d, d) matrix product."""
     return rows * weights if weights.shape[-1] == 1 else rows @ weights
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of (batch, heads, seq, d) states, as Llama's `apply_rotary_pos_emb` does for queries and keys."""
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
 def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -240,17 +245,28 @@ class MEAAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.project_queries(hidden_states, position_embeddings)
+        key_components, value_components = self.project_components(hidden_states, position_embeddings)
+        return self.attend(query, key_components, value_components, attention_mask, cache, **kwargs)
 
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key_components = self.k_proj(hidden_states).view(hidden_shape)
-        value_components = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    def project_queries(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Queries (batch, H, seq, d) after q_norm (if any) and RoPE."""
+        query = self.q_proj(hidden_states).view(*hidden_states.shape[:-1], -1, self.head_dim)
         if self.config.qk_norm:
-            query, key_components = self.q_norm(query), self.k_norm(key_components)
-        cos, sin = position_embeddings
-        query, key_components = apply_rotary_pos_emb(query.transpose(1, 2), key_components.transpose(1, 2), cos, sin)
+            query = self.q_norm(query)
+        return rotate(query.transpose(1, 2), *position_embeddings)
 
+    def project_components(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Component keys (after k_norm, if any, and RoPE) and values, (batch, h', seq, d) each."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_components = self.k_proj(hidden_states).view(shape)
+        if self.config.qk_norm:
+            key_components = self.k_norm(key_components)
+        value_components = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        return rotate(key_components.transpose(1, 2), *position_embeddings), value_components
+
+    def attend(self, query, key_components, value_components, attention_mask, cache, **kwargs):
+        """Attention of projected queries over the components (through `cache` if given), then head norm and o_proj."""
         if isinstance(cache, PagedAttentionCache):
             return self._paged_forward(query, key_components, value_components, attention_mask, cache, **kwargs)
         hlc_k, hlc_v = mixing = self.mixing()

@@ -41,6 +41,10 @@ from . import factors
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
 CALIB_STEPS = 60
+# The fitted attention output is compared at every 4th position (ending at the last); keys and values still cover every
+# position. Each refinement step then does a quarter of the attention and o_proj work, at a measured cost in quality
+# below the noise of the fit (docs/design.md §4).
+CALIB_QUERY_STRIDE = 4
 CALIB_LR = 0.06  # Adam step size, as a fraction of each refined tensor's RMS
 CALIB_PATIENCE, CALIB_TOL = 10, 0.005  # stop refining when 10 steps improve the error by less than 0.5%
 
@@ -288,9 +292,27 @@ def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     return blocks.long()
 
 
+def _fitting_inputs(attn, normed: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
+    """(normed, extras) for fitting one layer: its queries, projected once, at every `CALIB_QUERY_STRIDE`-th
+    position, with those rows of the causal mask (spelled out where SDPA would have used its implicit one)."""
+    length = normed.shape[1]
+    rows = torch.arange(length - 1, -1, -CALIB_QUERY_STRIDE, device=normed.device).flip(0)
+    queries = attn.project_queries(normed, extras["position_embeddings"])[:, :, rows]
+    mask = extras["attention_mask"]
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril()[None, None]
+    return normed, {**extras, "queries": queries, "attention_mask": mask[..., rows, :]}
+
+
 def _attention_output(attn, normed: torch.Tensor, extras: dict) -> torch.Tensor:
-    """The attention sub-layer output (before the residual add) for normed hidden states."""
-    return attn(normed, position_embeddings=extras["position_embeddings"], attention_mask=extras["attention_mask"])[0]
+    """The attention sub-layer output (before the residual add) for normed hidden states; the queries come from
+    `extras["queries"]` when the caller computed them once (they do not depend on the K/V being fitted)."""
+    position_embeddings = extras["position_embeddings"]
+    queries = extras.get("queries")
+    if queries is None:
+        queries = attn.project_queries(normed, position_embeddings)
+    keys, values = attn.project_components(normed, position_embeddings)
+    return attn.attend(queries, keys, values, extras["attention_mask"], None)[0]
 
 
 def attention_output_error(attn, inputs, targets) -> float:
@@ -313,15 +335,24 @@ def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = Fa
         fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
 
 
+def _step_scale(tensor: torch.Tensor) -> float:
+    """Adam's step size for `tensor`, before `CALIB_LR`: its RMS; for d x d value maps (banded), also divided by
+    sqrt(d), since a same-signed step on all d inputs of a map moves its output ~sqrt(d) times as much as one scalar."""
+    scale = tensor.detach().float().pow(2).mean().sqrt().item()
+    return scale / tensor.shape[-1] ** 0.5 if tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] else scale
+
+
 def _refine(attn, inputs, targets, steps: int) -> list[float]:
     """Adam on the k/v projections and HLC matrices against the original attention output; keeps the best step and
-    stops early once `CALIB_PATIENCE` steps improve the best error by less than `CALIB_TOL` of it.
+    stops early once `CALIB_PATIENCE` steps improve the best error by less than `CALIB_TOL` of it. A step that makes
+    the error worse is undone and the step sizes halved (a good start, e.g. banded PCA, sits where the initial step
+    sizes overshoot).
     Returns the best error (sum of squares) after each pass: before refinement first, the kept one last."""
     tensors = _kv_tensors(attn)
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    groups = [{"params": [t], "lr": CALIB_LR * t.detach().float().pow(2).mean().sqrt().item()} for t in tensors]
+    groups = [{"params": [t], "lr": CALIB_LR * _step_scale(t)} for t in tensors]
     optimizer = torch.optim.Adam(groups, fused=tensors[0].device.type in ("cpu", "cuda"))
     best_error, best, bests = float("inf"), None, []
     with torch.enable_grad():
@@ -332,9 +363,18 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
                 batch_error = (_attention_output(attn, normed, extras).float() - target.float()).pow(2).sum()
                 batch_error.backward()
                 error += batch_error.item()
+            worse = error > best_error
             if error < best_error:
                 best_error, best = error, [t.detach().clone() for t in tensors]
             bests.append(best_error)
+            if worse:  # back to the best point with half the step sizes and fresh Adam moments
+                with torch.no_grad():
+                    for tensor, value in zip(tensors, best, strict=True):
+                        tensor.copy_(value)
+                for group in optimizer.param_groups:
+                    group["lr"] /= 2
+                optimizer.state.clear()
+                continue
             if len(bests) > CALIB_PATIENCE and best_error > (1 - CALIB_TOL) * bests[-1 - CALIB_PATIENCE]:
                 break
             if step < steps:
@@ -353,7 +393,7 @@ def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, flo
     PCA, then refinement. Returns the attention-output mean squared error (against the original layer) at the start
     and at the end."""
     attn = layer.self_attn
-    inputs = [(layer.input_layernorm(hidden), extras) for hidden, extras in batches]
+    inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras) for hidden, extras in batches]
     targets = [_attention_output(attn, normed, extras) for normed, extras in inputs]
     stats = _LayerStats(attn)
     for normed, _ in inputs:

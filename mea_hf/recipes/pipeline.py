@@ -23,11 +23,12 @@ def pretrain(settings: dict) -> dict:
 
 
 def compress(source, out, kv_heads: int, method: str, calib_blocks=None, layers=None, how_made: str | None = None,
-             calib_steps: int = CALIB_STEPS):  # fmt: skip
-    """Load the MEA folder `source`, reduce `layers` (all by default) to `kv_heads` cached heads, save it to `out`
-    with its tokenizer and a card saying how it was made. Returns (folder, compressed model)."""
+             calib_steps: int = CALIB_STEPS, composition: str | None = None, progress: bool = False):  # fmt: skip
+    """Load the MEA folder `source`, reduce `layers` (all by default) to `kv_heads` cached heads (in `composition`
+    form if given), save it to `out` with its tokenizer and a card saying how it was made. Returns (folder, model)."""
     model, tokenizer = load_folder(source, "float32")
-    reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks, calib_steps=calib_steps)
+    reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks, calib_steps=calib_steps,
+                    composition=composition, progress=progress)  # fmt: skip
     how_made = how_made or describe_compression(str(source), method, kv_heads, layers, model.config)
     return save_folder(model, out, tokenizer, card={"how_made": how_made}), model
 

@@ -375,3 +375,20 @@ def test_cli_sensitivity_bad_input_gives_a_clear_error_and_writes_nothing(mea_fo
         assert mea_main(["sensitivity", *arguments, "--out", str(out)]) == 2, arguments
         assert message in capsys.readouterr().err, arguments
         assert not out.exists(), arguments
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_fitting_rows_give_the_layer_output_at_those_positions(attn_implementation):
+    """calib compares outputs at every CALIB_QUERY_STRIDE-th position only: those equal the full layer's outputs."""
+    from mea_hf.compress.reduce import CALIB_QUERY_STRIDE, _attention_output, _fitting_inputs
+
+    model = make_model(num_component_heads=2, attn_implementation=attn_implementation)
+    blocks = random_blocks(length=23)
+    normed, extras = layer_inputs(model, 1, blocks)
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():
+        full = attn(normed, **extras)[0]
+        fitted = _attention_output(attn, *_fitting_inputs(attn, normed, extras))
+    rows = list(range(22, -1, -CALIB_QUERY_STRIDE))[::-1]
+    assert fitted.shape[1] == len(rows) == 6
+    torch.testing.assert_close(fitted, full[:, rows], atol=1e-5, rtol=0)
