@@ -44,6 +44,7 @@ ROWS = {  # name -> (label, MEA fields or None for Llama); "heads": h' as a frac
     "mea_half_reconstruct": ("MEA h'=h/2, reconstruct", {"heads": 2, "kv_decode": "reconstruct"}),
     "mea_half_absorb": ("MEA h'=h/2, absorb", {"heads": 2, "kv_decode": "absorb"}),
     "mea_half_auto": ("MEA h'=h/2, auto", {"heads": 2, "kv_decode": "auto"}),
+    "mea_half_banded": ("MEA h'=h/2, auto, banded HLC", {"heads": 2, "kv_decode": "auto", "composition": "banded"}),
     "mea_quarter_auto": ("MEA h'=h/4, auto", {"heads": 4, "kv_decode": "auto"}),
     "mea_half_int8": ("MEA h'=h/2, auto, int8", {"heads": 2, "kv_decode": "auto", "int8": True}),
     "mea_quarter_int8": ("MEA h'=h/4, auto, int8", {"heads": 4, "kv_decode": "auto", "int8": True}),
@@ -101,7 +102,8 @@ def build(row: str, args):
         model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation=args.attn))
     else:
         heads = args.kv_heads // fields["heads"]
-        config = MEAConfig(**dims, num_component_heads=heads, kv_decode=fields["kv_decode"])
+        config = MEAConfig(**dims, num_component_heads=heads, kv_decode=fields["kv_decode"],
+                           composition=fields.get("composition", "scalar"))  # fmt: skip
         config._attn_implementation = args.attn
         model = MEAForCausalLM(config)
     return model.to(getattr(torch, args.dtype)).eval()

@@ -292,11 +292,16 @@ def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     return blocks.long()
 
 
+def _fitting_rows(length: int, device) -> torch.Tensor:
+    """The positions whose attention output calib fits: every `CALIB_QUERY_STRIDE`-th, ending at the last."""
+    return torch.arange(length - 1, -1, -CALIB_QUERY_STRIDE, device=device).flip(0)
+
+
 def _fitting_inputs(attn, normed: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
     """(normed, extras) for fitting one layer: its queries, projected once, at every `CALIB_QUERY_STRIDE`-th
     position, with those rows of the causal mask (spelled out where SDPA would have used its implicit one)."""
     length = normed.shape[1]
-    rows = torch.arange(length - 1, -1, -CALIB_QUERY_STRIDE, device=normed.device).flip(0)
+    rows = _fitting_rows(length, normed.device)
     queries = attn.project_queries(normed, extras["position_embeddings"])[:, :, rows]
     mask = extras["attention_mask"]
     if mask is None:
@@ -388,13 +393,19 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
     return bests
 
 
-def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, float]:
+def _calibrate_layer(layer, heads: int, batches, originals, steps: int) -> tuple[float, float]:
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
-    PCA, then refinement. Returns the attention-output mean squared error (against the original layer) at the start
-    and at the end."""
+    PCA, then refinement. The target is what the original model's residual stream holds after this attention
+    sub-layer, minus the current residual: the original layer's output on the original model's hidden states
+    (`originals`) plus the drift the compressed layers before it caused, which this layer then corrects where it can.
+    Returns the attention-output mean squared error against that target at the start and at the end."""
     attn = layer.self_attn
     inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras) for hidden, extras in batches]
-    targets = [_attention_output(attn, normed, extras) for normed, extras in inputs]
+    targets = []
+    for (hidden, extras), original in zip(batches, originals, strict=True):
+        rows = _fitting_rows(hidden.shape[1], hidden.device)
+        original_output = _attention_output(attn, *_fitting_inputs(attn, layer.input_layernorm(original), extras))
+        targets.append(original[:, rows] + original_output - hidden[:, rows])
     stats = _LayerStats(attn)
     for normed, _ in inputs:
         stats.add(normed)
@@ -422,19 +433,23 @@ def _calibrate_layer(layer, heads: int, batches, steps: int) -> tuple[float, flo
 
 
 def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int, progress: bool) -> None:
-    """Layer by layer, on the hidden states produced by the already-compressed earlier layers; a progress bar shows
-    each compressed layer's attention-output MSE after refinement and at its start."""
+    """Layer by layer, on the hidden states produced by the already-compressed earlier layers, next to those of the
+    original model (the targets, `_calibrate_layer`); a progress bar shows each compressed layer's attention-output
+    MSE after refinement and at its start."""
     from tqdm.auto import tqdm
 
     batches = list(_layer_inputs(model, blocks))
+    originals = [hidden for hidden, _ in batches]  # the uncompressed model's hidden states, layer by layer
     layers = model.model.layers[: max(targets) + 1]
     bar = tqdm(total=len(layers), desc="calib layers", unit="layer", disable=not progress)
     for index, layer in enumerate(layers):
+        next_originals = [layer(hidden, **extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
-            start, end = _calibrate_layer(layer, targets[index], batches, steps)
+            start, end = _calibrate_layer(layer, targets[index], batches, originals, steps)
             _set_heads(model, index, targets[index])
             bar.set_postfix(layer=index, mse=f"{end:.3g}", start=f"{start:.3g}", ratio=f"{end / start:.2f}")
         batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
+        originals = next_originals
         bar.update(1)
     bar.close()
 
