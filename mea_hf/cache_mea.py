@@ -93,12 +93,17 @@ def _component_heads(config) -> list[int]:
     return list(heads)
 
 
+def stores_composed(config, heads: int) -> bool:
+    """Does a layer with `heads` component heads cache composed (virtual) heads rather than components? True where
+    `kv_decode` is "auto" and h' = h: HLC is applied once as tokens enter the cache (exact, as RoPE commutes with
+    head mixing), and decoding is plain attention over the stored heads. Same shape as components, so the signature
+    records it. O(1): the attention layers ask on every forward, reading `kv_decode` as it is now."""
+    return getattr(config, "kv_decode", None) == "auto" and heads == config.num_key_value_heads
+
+
 def stores_composed_heads(config) -> list[bool]:
-    """Per layer: does its cache hold composed (virtual) heads rather than components? True where `kv_decode` is
-    "auto" and h' = h: HLC is applied once as tokens enter the cache (exact, as RoPE commutes with head mixing), and
-    decoding is plain attention over the stored heads. Same shape as components, so the signature records it."""
-    auto = getattr(config, "kv_decode", None) == "auto"
-    return [auto and heads == config.num_key_value_heads for heads in _component_heads(config)]
+    """`stores_composed` for every layer."""
+    return [stores_composed(config, heads) for heads in _component_heads(config)]
 
 
 def cache_signature(config) -> tuple[int, tuple[int, ...], tuple[str, ...]]:

@@ -49,7 +49,7 @@ from .cache_mea import (
     output_cache,
     paged_heads,
     resolve_cache,
-    stores_composed_heads,
+    stores_composed,
 )
 from .configuration_mea import MEAConfig
 
@@ -234,9 +234,9 @@ class MEAAttention(nn.Module):
         return self.hlc_k, self.hlc_v
 
     def _stores_composed(self) -> bool:
-        """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, so
-        that the model and `claim_cache` agree on what a cache holds."""
-        return stores_composed_heads(self.config)[self.layer_idx]
+        """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, by
+        the same rule as `claim_cache` (`stores_composed`), so that the two agree on what a cache holds."""
+        return stores_composed(self.config, self.num_component_heads)
 
     def _use_absorb(self, query_len: int, cached: bool) -> bool:
         """Absorb only attends over a cache: uncached (training) forwards keep the attention kernel's own masking.
