@@ -24,10 +24,10 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import build  # noqa: E402  (benchmarks/ is not a package)
+from bench_decode import build  # benchmarks/ is not a package: imported by path
 
-from mea_hf.cache_mea import MEAQuantizedCache  # noqa: E402
-from mea_hf.evaluation.speed import prefill, time_decode  # noqa: E402
+from mea_hf.cache_mea import MEAQuantizedCache
+from mea_hf.evaluation.speed import prefill, time_decode
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("configuration_mea.py", "cache_mea.py", "modeling_mea.py")

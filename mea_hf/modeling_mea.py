@@ -101,16 +101,17 @@ def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torc
     return mixed.view(batch, num_heads, seq_len, head_dim)
 
 
-def _per_query_head(mixing: torch.Tensor, component: int, group: torch.Tensor) -> torch.Tensor:
-    """Component `component`'s mixing weight for every query head, broadcastable against (B, H, T, d) rows:
-    (H, 1, 1) scalars or (H, d, d) maps."""
-    weights = mixing[component, group]
-    return weights[:, None, None] if weights.dim() == 1 else weights
+def _per_component_rows(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """rows (B, H, T, d) times every component's weight for each row's head: (B, h', H, T, d). `mixing` is (h', h)
+    scalars or (h', h, d, d) maps acting on rows; `group` is the KV head of each query head. One op for all h'."""
+    weights = mixing[:, group]
+    return torch.einsum("bhtd,ch->bchtd" if weights.dim() == 2 else "bhtd,chde->bchte", rows, weights)
 
 
-def _mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """rows (B, H, T, d) times per-head weights from `_per_query_head`: a scaling, or a (d, d) matrix product."""
-    return rows * weights if weights.shape[-1] == 1 else rows @ weights
+def _sum_over_components(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """sum_c rows[:, c] times component c's weight for each row's head: (B, h', H, T, d) -> (B, H, T, d)."""
+    weights = mixing[:, group]
+    return torch.einsum("bchtd,ch->bhtd" if weights.dim() == 2 else "bchtd,chde->bhte", rows, weights)
 
 
 def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -162,11 +163,7 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     group = torch.arange(num_heads, device=query.device) // kv_groups
     mixing_k = (mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k) * scaling  # scale folded in
     mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
-    rows = (batch, num_heads * query_len, head_dim)
-
-    folded = torch.stack(
-        [_mix_rows(query, _per_query_head(mixing_k, c, group)).reshape(rows) for c in range(num_components)], 1
-    )  # (B, h', H*T, d)
+    folded = _per_component_rows(query, mixing_k, group).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
     scores = _component_scores(folded, key_components).view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
@@ -174,10 +171,7 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
 
     outputs = _component_outputs(probs.view(batch, num_heads * query_len, kv_len), value_components)
-    output = sum(
-        _mix_rows(outputs[:, c].view(batch, num_heads, query_len, head_dim), _per_query_head(mixing_v, c, group))
-        for c in range(num_components)
-    )
+    output = _sum_over_components(outputs.view(batch, num_components, num_heads, query_len, head_dim), mixing_v, group)
     return output.transpose(1, 2), probs
 
 
