@@ -43,12 +43,13 @@ from .cache_mea import (
     MEAStaticQuantizedCache,
     PagedAttentionCache,
     PagedEngineModel,
+    QuantizedStates,
     claim_cache,
     int8_cache_options,
     output_cache,
     paged_heads,
     resolve_cache,
-    stores_composed_heads,
+    stores_composed,
 )
 from .configuration_mea import MEAConfig
 
@@ -100,16 +101,17 @@ def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torc
     return mixed.view(batch, num_heads, seq_len, head_dim)
 
 
-def _per_query_head(mixing: torch.Tensor, component: int, group: torch.Tensor) -> torch.Tensor:
-    """Component `component`'s mixing weight for every query head, broadcastable against (B, H, T, d) rows:
-    (H, 1, 1) scalars or (H, d, d) maps."""
-    weights = mixing[component, group]
-    return weights[:, None, None] if weights.dim() == 1 else weights
+def _per_component_rows(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """rows (B, H, T, d) times every component's weight for each row's head: (B, h', H, T, d). `mixing` is (h', h)
+    scalars or (h', h, d, d) maps acting on rows; `group` is the KV head of each query head. One op for all h'."""
+    weights = mixing[:, group]
+    return torch.einsum("bhtd,ch->bchtd" if weights.dim() == 2 else "bhtd,chde->bchte", rows, weights)
 
 
-def _mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """rows (B, H, T, d) times per-head weights from `_per_query_head`: a scaling, or a (d, d) matrix product."""
-    return rows * weights if weights.shape[-1] == 1 else rows @ weights
+def _sum_over_components(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """sum_c rows[:, c] times component c's weight for each row's head: (B, h', H, T, d) -> (B, H, T, d)."""
+    weights = mixing[:, group]
+    return torch.einsum("bchtd,ch->bhtd" if weights.dim() == 2 else "bchtd,chde->bhte", rows, weights)
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,39 +135,48 @@ def _additive_mask(mask, query_len: int, kv_len: int, dtype: torch.dtype, device
     return mask[..., :kv_len].to(dtype)
 
 
+def _component_scores(queries: torch.Tensor, key_components) -> torch.Tensor:
+    """sum_c queries[:, c] @ key_components[:, c]^T: queries (B, h', M, d) -> scores (B, M, S). Float components
+    are read once, one matmul per component accumulated in place; int8 ones (`QuantizedStates`) in chunks."""
+    if isinstance(key_components, QuantizedStates):
+        return key_components.scores(queries)
+    batch, num_components, rows = queries.shape[:3]
+    scores = queries.new_zeros(batch, rows, key_components.shape[2])
+    for c in range(num_components):
+        scores.baddbmm_(queries[:, c], key_components[:, c].transpose(1, 2))
+    return scores
+
+
+def _component_outputs(probs: torch.Tensor, value_components) -> torch.Tensor:
+    """probs @ value_components[:, c] for every component: probs (B, M, S) -> (B, h', M, d)."""
+    if isinstance(value_components, QuantizedStates):
+        return value_components.weighted_sum(probs)
+    return torch.stack([torch.bmm(probs, value_components[:, c]) for c in range(value_components.shape[1])], 1)
+
+
 def absorbed_attention(query, key_components, value_components, mixing_k, mixing_v, mask, scaling, kv_groups):
     """Attention over the compressed cache without materialising virtual heads (docs/design.md §2, "absorb").
 
     For query head i of KV group g:  logit_i = sum_c (q_i W_k[c, g]^T) . k_c,  out_i = sum_c (p_i @ v_c) W_v[c, g],
     with W[c, g] a scalar HLC weight or a (d, d) map (`compose_heads`). Each component is read once, by one matmul
-    with all H*T folded queries as rows, accumulated in place, so nothing bigger than the (H*T, S) scores is written.
-    Shapes: query (B, H, T, d); components (B, h', S, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
+    with all H*T folded queries as rows, so nothing bigger than the (H*T, S) scores is written. Components are float
+    tensors (B, h', S, d), or the int8 cache's `QuantizedStates`, read as stored (docs/decode.md).
+    Shapes: query (B, H, T, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
     """
     batch, num_heads, query_len, head_dim = query.shape
     num_components, kv_len = key_components.shape[1:3]
     group = torch.arange(num_heads, device=query.device) // kv_groups
     mixing_k = (mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k) * scaling  # scale folded in
     mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
-    rows = (batch, num_heads * query_len, head_dim)
-
-    scores = query.new_zeros(batch, num_heads * query_len, kv_len)
-    for c in range(num_components):
-        folded = _mix_rows(query, _per_query_head(mixing_k, c, group))
-        scores.baddbmm_(folded.reshape(rows), key_components[:, c].transpose(1, 2))
-    scores = scores.view(batch, num_heads, query_len, kv_len).float()
+    folded = _per_component_rows(query, mixing_k, group).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
+    scores = _component_scores(folded, key_components).view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
         scores = scores + additive
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
 
-    flat_probs = probs.view(batch, num_heads * query_len, kv_len)
-    output = sum(
-        _mix_rows(
-            torch.bmm(flat_probs, value_components[:, c]).view(batch, num_heads, query_len, head_dim),
-            _per_query_head(mixing_v, c, group),
-        )
-        for c in range(num_components)
-    )
+    outputs = _component_outputs(probs.view(batch, num_heads * query_len, kv_len), value_components)
+    output = _sum_over_components(outputs.view(batch, num_components, num_heads, query_len, head_dim), mixing_v, group)
     return output.transpose(1, 2), probs
 
 
@@ -222,9 +233,9 @@ class MEAAttention(nn.Module):
         return self.hlc_k, self.hlc_v
 
     def _stores_composed(self) -> bool:
-        """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, so
-        that the model and `claim_cache` agree on what a cache holds."""
-        return stores_composed_heads(self.config)[self.layer_idx]
+        """Does this layer cache composed heads (`kv_decode="auto"`, h' = h)? Read from the config on every call, by
+        the same rule as `claim_cache` (`stores_composed`), so that the two agree on what a cache holds."""
+        return stores_composed(self.config, self.num_component_heads)
 
     def _use_absorb(self, query_len: int, cached: bool) -> bool:
         """Absorb only attends over a cache: uncached (training) forwards keep the attention kernel's own masking.
@@ -273,10 +284,12 @@ class MEAAttention(nn.Module):
         if self._stores_composed():  # compose once, as tokens enter the cache; attention then reads plain heads
             key_components, value_components = compose_heads(key_components, hlc_k), compose_heads(value_components, hlc_v)
             hlc_k = hlc_v = None
-        if cache is not None:
-            key_components, value_components = cache.update(key_components, value_components, self.layer_idx)
+        absorb = hlc_k is not None and self._use_absorb(query.shape[2], cached=cache is not None)
+        if cache is not None:  # the absorbed path reads an int8 cache as stored (`QuantizedStates`), not dequantised
+            update = cache.update_quantized if absorb and hasattr(cache, "update_quantized") else cache.update
+            key_components, value_components = update(key_components, value_components, self.layer_idx)
 
-        if hlc_k is not None and self._use_absorb(query.shape[2], cached=cache is not None):
+        if absorb:
             attn_output, attn_weights = absorbed_attention(
                 query, key_components, value_components, *mixing,
                 attention_mask, self.scaling, self.num_key_value_groups,

@@ -9,12 +9,13 @@ import torch
 from helpers import TINY_DIMS, tiny_mea_config, tiny_model
 from transformers import DynamicCache
 
-from mea_hf import modeling_mea
+from mea_hf import cache_mea, modeling_mea
 from mea_hf.cache_mea import (
     CACHE_ARG,
     MEACache,
     MEAQuantizedCache,
     MEAStaticQuantizedCache,
+    QuantizedStates,
     cache_nbytes,
     dequantize_int8,
     output_cache,
@@ -22,7 +23,7 @@ from mea_hf.cache_mea import (
 )
 from mea_hf.configuration_mea import MEAConfig
 from mea_hf.memory import kv_bytes_per_token
-from mea_hf.modeling_mea import compose_heads
+from mea_hf.modeling_mea import absorbed_attention, band_maps, compose_heads
 
 HEAD_DIM = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]
 # h' per layer of a GQA model with h = 2, and the HLC form (composition)
@@ -122,6 +123,42 @@ def test_quantize_int8_error_bound():
     assert not normal.all()  # tiny tokens (clamped scale) were covered by the error bound too
 
 
+@pytest.mark.parametrize("composition", ["scalar", "banded"])
+def test_absorbed_attention_reads_int8_as_stored(composition, monkeypatch):
+    """Absorbed attention over `QuantizedStates` (int8 read in chunks, scales folded into the products) equals
+    absorbed attention over the same tokens dequantised, to float rounding: several chunks, a full-precision
+    residual window, a padding mask, a 3-token query, and gradients with respect to the queries."""
+    batch, heads, components, query_len, kv_len, residual = 2, 4, 3, 3, 23, 4
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, heads, query_len, HEAD_DIM, generator=generator, requires_grad=True)
+    keys, values = (torch.randn(batch, components, kv_len, HEAD_DIM, generator=generator) for _ in range(2))
+    mixing = [torch.randn(components, 2, generator=generator) for _ in range(2)]  # h = 2 virtual heads, 2 groups
+    if composition == "banded":
+        mixing = [band_maps(torch.randn(components, 2, 2, HEAD_DIM // 2, generator=generator)),
+                  torch.randn(components, 2, HEAD_DIM, HEAD_DIM, generator=generator)]  # fmt: skip
+    mask = torch.ones(batch, 1, query_len, kv_len, dtype=torch.bool)
+    mask[1, ..., :5] = False  # left padding
+    mask[..., -query_len:] = torch.ones(query_len, query_len, dtype=torch.bool).tril()
+
+    quantized = [quantize_int8(states[:, :, : kv_len - residual]) for states in (keys, values)]
+    stored = [QuantizedStates(q, scale, states[:, :, kv_len - residual :])
+              for (q, scale), states in zip(quantized, (keys, values))]  # fmt: skip
+    dequantized = [torch.cat([dequantize_int8(q, scale, torch.float32), states[:, :, kv_len - residual :]], 2)
+                   for (q, scale), states in zip(quantized, (keys, values))]  # fmt: skip
+    monkeypatch.setattr(cache_mea, "INT8_READ_CHUNK", batch * components * HEAD_DIM * 5)  # 5 tokens a chunk
+    args = (*mixing, mask, HEAD_DIM**-0.5, 2)
+    want, want_probs = absorbed_attention(query, *dequantized, *args)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), query)
+    got, got_probs = absorbed_attention(query, *stored, *args)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), query)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_probs, want_probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # the no-grad read (one reused conversion buffer) gives the same
+        torch.testing.assert_close(absorbed_attention(query, *stored, *args)[0], want, atol=1e-5, rtol=1e-5)
+    assert stored[0].shape == keys.shape
+
+
 def fill(caches, steps, heads=(2, 1), batch=3, seed=0):
     """Feed every cache the same random states; return the states of each layer, concatenated."""
     generator = torch.Generator().manual_seed(seed)
@@ -185,9 +222,12 @@ def test_int8_bytes_are_payload_plus_scales():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_logits_close_to_float_cache(shape):
+def test_int8_logits_close_to_float_cache(shape, monkeypatch):
     heads, composition = SHAPES[shape]
     model = make_model(heads, composition=composition)
+    read = []  # what the absorbed attention reads: int8 as stored under the int8 cache, float tensors otherwise
+    original_absorb = modeling_mea.absorbed_attention
+    monkeypatch.setattr(modeling_mea, "absorbed_attention", lambda *a: read.append(type(a[1])) or original_absorb(*a))
     ids = prompt(length=12)
     float_cache, int8_cache = MEACache(model.config), MEAQuantizedCache(model.config)
     for start, end in [(0, 8), (8, 9), (9, 10), (10, 12)]:  # prefill, decode steps, a short verification chunk
@@ -195,6 +235,9 @@ def test_int8_logits_close_to_float_cache(shape):
         got = model(ids[:, start:end], **{CACHE_ARG: int8_cache}).logits
         torch.testing.assert_close(got, want, atol=INT8_ATOL, rtol=0)
         assert not torch.equal(got, want)  # the int8 path really ran
+    compressed = sum(h < model.config.num_key_value_heads for h in model.config.component_heads_per_layer)
+    steps = 4  # every chunk here is short enough to be absorbed, the prefill too
+    assert read == ([torch.Tensor] * compressed + [QuantizedStates] * compressed) * steps  # float, then int8 cache
     assert int8_cache.layers[0].quantized["qkeys"].dtype == torch.int8
 
 
