@@ -87,10 +87,19 @@ PROMPTS = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41], [60, 61,
         dict(num_key_value_heads=2, num_component_heads=2),
         dict(num_key_value_heads=4, num_component_heads=2),
         dict(num_key_value_heads=4, num_component_heads=2, kv_decode="reconstruct"),
+        dict(num_key_value_heads=4, num_component_heads=2, kv_decode="absorb"),
         dict(num_key_value_heads=2, num_component_heads=1),
         dict(num_key_value_heads=2, num_component_heads=[2, 1]),
     ],
-    ids=["mha_uncompressed", "gqa_uncompressed", "mha_half", "mha_half_reconstruct", "gqa_one_component", "gqa_second_layer_only"],
+    ids=[
+        "mha_uncompressed",
+        "gqa_uncompressed",
+        "mha_half",
+        "mha_half_reconstruct",
+        "mha_half_absorb",
+        "gqa_one_component",
+        "gqa_second_layer_only",
+    ],
 )
 @pytest.mark.slow
 def test_generate_batch_equals_per_prompt_generate(shape):
