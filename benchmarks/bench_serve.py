@@ -5,8 +5,11 @@ that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-l
 all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
 - most sequences held at once: the largest number of requests in one forward of the engine, and the mean over
   forwards (a peak of a few requests moves in steps of one request; the mean is the steadier capacity measure);
-- generated tokens/s over the whole stream (wall clock, including prefills);
+- generated tokens/s over the whole stream (wall clock, including prefills), and generated tokens per CPU-second of
+  the process (steadier than wall clock when other jobs share the CPU);
 - peak resident memory (Linux VmHWM) and its growth over the resident size once the model is built.
+With `--repeats N` the rows are measured N times, interleaved (Llama, h/2, h/4, Llama, ...), and the speed columns
+are the medians (every measurement is kept in the JSON); the capacity columns do not change between repeats.
 Ratios are to the Llama row of the same run (JSON, PNG, Markdown table). The 1-minute load average before and after
 the run is recorded (the rows are timed on a CPU that may be shared).
 
@@ -16,6 +19,7 @@ the run is recorded (the rows are timed on a CPU that may be shared).
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved)")
     parser.add_argument("--kv-decode", default="auto", choices=["auto", "reconstruct", "absorb"], help="MEA rows")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     return parser.parse_args(argv)
@@ -100,9 +105,9 @@ def measure_row(row: str, args) -> dict:
     generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     base_rss = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = model.generate_batch(inputs=stream, generation_config=generation, continuous_batching_config=cb_config)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     generated = sum(len(result.generated_tokens) for result in results.values())
     if generated != args.requests * args.new_tokens:
         raise RuntimeError(f"{row}: {generated} tokens generated, expected {args.requests * args.new_tokens}")
@@ -115,7 +120,9 @@ def measure_row(row: str, args) -> dict:
         "mean_sequences_per_forward": sum(held) / len(held),
         "forwards": len(held),
         "tokens_per_s": generated / seconds,
+        "tokens_per_cpu_s": generated / cpu_seconds,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "peak_rss_mib": rss_kib("VmHWM") / 1024,
         "rss_growth_mib": (rss_kib("VmHWM") - base_rss) / 1024,
     }
@@ -124,14 +131,14 @@ def measure_row(row: str, args) -> dict:
 def add_ratios(results: dict) -> None:
     base = results.get("llama")
     for row in results.values():
-        for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward", "tokens_per_s", "peak_rss_mib",
-                    "rss_growth_mib"):  # fmt: skip
+        for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward", "tokens_per_s",
+                    "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):  # fmt: skip
             row[f"{key}_ratio"] = row[key] / base[key] if base else None
 
 
 def table(results: dict) -> str:
-    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s", "peak RSS MiB",
-              "RSS growth MiB"]  # fmt: skip
+    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s",
+              "tokens/CPU-s", "peak RSS MiB", "RSS growth MiB"]  # fmt: skip
 
     def cell(row, key, fmt):
         ratio = row.get(f"{key}_ratio")
@@ -140,6 +147,7 @@ def table(results: dict) -> str:
     rows = [
         [r["label"], r["page_bytes_per_token"], cell(r, "cache_tokens", "{}"), cell(r, "most_sequences_held", "{}"),
          cell(r, "mean_sequences_per_forward", "{:.1f}"), cell(r, "tokens_per_s", "{:.1f}"),
+         cell(r, "tokens_per_cpu_s", "{:.1f}"),
          cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "rss_growth_mib", "{:.0f}")]
         for r in results.values()
     ]  # fmt: skip
@@ -167,11 +175,17 @@ def main(argv=None) -> int:
         print(json.dumps(measure_row(args.row, args)))
         return 0
     results, load_before = {}, os.getloadavg()[0]
-    for row in tqdm(args.rows, desc="rows"):
-        done = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True, check=False)
+    runs = {row: [] for row in args.rows}
+    for _, row in tqdm([(repeat, row) for repeat in range(args.repeats) for row in args.rows], desc="rows"):
+        command = [sys.executable, __file__, *argv, "--row", row]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError(f"row {row} failed:\n{done.stderr[-3000:]}")
-        results[row] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for row, measured in runs.items():
+        results[row] = {**measured[0], "runs": measured}
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):
+            results[row][key] = statistics.median(run[key] for run in measured)
     add_ratios(results)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
