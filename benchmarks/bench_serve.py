@@ -3,16 +3,23 @@
 Every row gets a paged cache of the same bytes (`--kv-mib`; `num_blocks` is derived from the bytes one token takes in
 that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
 all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
-- most sequences held at once: the largest number of requests in one forward of the engine;
-- generated tokens/s over the whole stream (wall clock, including prefills);
+- most sequences held at once: the largest number of requests in one forward of the engine, and the mean over
+  forwards (a peak of a few requests moves in steps of one request; the mean is the steadier capacity measure);
+- generated tokens/s over the whole stream (wall clock, including prefills), and generated tokens per CPU-second of
+  the process (steadier than wall clock when other jobs share the CPU);
 - peak resident memory (Linux VmHWM) and its growth over the resident size once the model is built.
-Ratios are to the Llama row of the same run (JSON, PNG, Markdown table).
+With `--repeats N` the rows are measured N times, interleaved (Llama, h/2, h/4, Llama, ...), and the speed columns
+are the medians (every measurement is kept in the JSON); the capacity columns do not change between repeats.
+Ratios are to the Llama row of the same run (JSON, PNG, Markdown table). The 1-minute load average before and after
+the run is recorded (the rows are timed on a CPU that may be shared).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
 """
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved)")
+    parser.add_argument("--kv-decode", default="auto", choices=["auto", "reconstruct", "absorb"], help="MEA rows")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     return parser.parse_args(argv)
 
@@ -62,7 +71,8 @@ def build(row: str, args):
     torch.manual_seed(args.seed)
     if divisor is None:
         return LlamaForCausalLM(LlamaConfig(**dims)).eval()
-    return MEAForCausalLM(MEAConfig(**dims, num_component_heads=args.heads // divisor)).eval()
+    config = MEAConfig(**dims, num_component_heads=args.heads // divisor, kv_decode=args.kv_decode)
+    return MEAForCausalLM(config).eval()
 
 
 def requests(args) -> list[list[int]]:
@@ -95,9 +105,9 @@ def measure_row(row: str, args) -> dict:
     generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     base_rss = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = model.generate_batch(inputs=stream, generation_config=generation, continuous_batching_config=cb_config)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     generated = sum(len(result.generated_tokens) for result in results.values())
     if generated != args.requests * args.new_tokens:
         raise RuntimeError(f"{row}: {generated} tokens generated, expected {args.requests * args.new_tokens}")
@@ -107,9 +117,12 @@ def measure_row(row: str, args) -> dict:
         "num_blocks": num_blocks,
         "cache_tokens": num_blocks * args.page_size,
         "most_sequences_held": max(held),
+        "mean_sequences_per_forward": sum(held) / len(held),
         "forwards": len(held),
         "tokens_per_s": generated / seconds,
+        "tokens_per_cpu_s": generated / cpu_seconds,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "peak_rss_mib": rss_kib("VmHWM") / 1024,
         "rss_growth_mib": (rss_kib("VmHWM") - base_rss) / 1024,
     }
@@ -118,12 +131,14 @@ def measure_row(row: str, args) -> dict:
 def add_ratios(results: dict) -> None:
     base = results.get("llama")
     for row in results.values():
-        for key in ("cache_tokens", "most_sequences_held", "tokens_per_s", "peak_rss_mib", "rss_growth_mib"):
+        for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward", "tokens_per_s",
+                    "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):  # fmt: skip
             row[f"{key}_ratio"] = row[key] / base[key] if base else None
 
 
 def table(results: dict) -> str:
-    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "tokens/s", "peak RSS MiB", "RSS growth MiB"]
+    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s",
+              "tokens/CPU-s", "peak RSS MiB", "RSS growth MiB"]  # fmt: skip
 
     def cell(row, key, fmt):
         ratio = row.get(f"{key}_ratio")
@@ -131,7 +146,9 @@ def table(results: dict) -> str:
 
     rows = [
         [r["label"], r["page_bytes_per_token"], cell(r, "cache_tokens", "{}"), cell(r, "most_sequences_held", "{}"),
-         cell(r, "tokens_per_s", "{:.1f}"), cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "rss_growth_mib", "{:.0f}")]
+         cell(r, "mean_sequences_per_forward", "{:.1f}"), cell(r, "tokens_per_s", "{:.1f}"),
+         cell(r, "tokens_per_cpu_s", "{:.1f}"),
+         cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "rss_growth_mib", "{:.0f}")]
         for r in results.values()
     ]  # fmt: skip
     return markdown_table(header, rows)
@@ -157,19 +174,27 @@ def main(argv=None) -> int:
     if args.row:
         print(json.dumps(measure_row(args.row, args)))
         return 0
-    results = {}
-    for row in tqdm(args.rows, desc="rows"):
-        done = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True, check=False)
+    results, load_before = {}, os.getloadavg()[0]
+    runs = {row: [] for row in args.rows}
+    for _, row in tqdm([(repeat, row) for repeat in range(args.repeats) for row in args.rows], desc="rows"):
+        command = [sys.executable, __file__, *argv, "--row", row]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError(f"row {row} failed:\n{done.stderr[-3000:]}")
-        results[row] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for row, measured in runs.items():
+        results[row] = {**measured[0], "runs": measured}
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):
+            results[row][key] = statistics.median(run[key] for run in measured)
     add_ratios(results)
+    load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {"args": vars(args), "results": results})
+    atomic_write_json(out / "results.json", {"args": vars(args), "load_average_1min": load, "results": results})
     atomic_write_text(out / "table.md", table(results) + "\n")
     plot(results, out / "serve.png")
     print(table(results))
+    print(f"1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'serve.png'}")
     return 0
 

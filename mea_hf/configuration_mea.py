@@ -44,8 +44,9 @@ class MEAConfig(PreTrainedConfig):
     kv_decode (`"auto"`, `"reconstruct"` or `"absorb"`, defaults to `"auto"`):
         How cached steps attend (all exact; see docs/decode.md). `"auto"` picks per layer: a layer with h' = h caches
         its composed heads (HLC applied once, when tokens enter the cache) and decodes as plain attention; a layer
-        with h' < h caches components and decodes with `"absorb"`. `"reconstruct"` / `"absorb"` cache components in
-        every layer. A cache filled under one setting is refused under another.
+        with h' < h caches components and decodes with `"absorb"` (continuous-batching forwards reconstruct).
+        `"reconstruct"` / `"absorb"` cache components in every layer. A cache filled under one setting is refused
+        under another.
     o_proj_bias (`bool`, *optional*):
         Bias on `o_proj`; defaults to `attention_bias` (Qwen2 has q/k/v biases but none on `o_proj`).
     """

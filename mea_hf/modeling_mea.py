@@ -248,6 +248,15 @@ class MEAAttention(nn.Module):
             and query_len <= ABSORB_MAX_QUERY_LEN
         )
 
+    def _paged_absorb(self, query_len: int) -> bool:
+        """Absorb a paged batch only when `kv_decode="absorb"` asks for it; "auto" reconstructs. A paged forward packs
+        all its sequences into one block of T query rows against the S cached tokens of all of them (a block-diagonal
+        mask), so absorb's h'*H*T*S*d multiply-adds (scores, and as many for values) exceed reconstruct's
+        h*h'*S*d (compose, once per key row) + H*T*S*d (attention) whenever h' >= 2 and T >= 2. Measured on CPU
+        (docs/serving.md): at h' >= 2 reconstruct is the fastest at every packed batch shape, T = 1 included; at
+        h' = 1 absorb is within 13% of it on decode batches and 3.3x slower on mixed prefill batches."""
+        return self.config.kv_decode == "absorb" and self._use_absorb(query_len, cached=True)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -319,10 +328,10 @@ class MEAAttention(nn.Module):
     def _paged_forward(self, query, key_components, value_components, attention_mask, cache, **kwargs):
         """Continuous batching (docs/design.md §3). From transformers 5.24 on the model writes the pages: pages sized by
         MEA's manager hold fewer heads than h, and then get this layer's components (zero-padded to the page's head
-        count), which are read back and attended over exactly: absorbed (`absorbed_attention`) for batches of up to
-        `ABSORB_MAX_QUERY_LEN` tokens when `kv_decode` allows it, else composed (reconstruct). Pages of h heads (a [2, 1] model, or a cache
-        the stock engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages
-        themselves from their keyword arguments, so they always get the virtual heads."""
+        count), which are read back and attended over exactly: composed (reconstruct) unless `kv_decode="absorb"`
+        asks for `absorbed_attention` (`_paged_absorb`). Pages of h heads (a [2, 1] model, or a cache the stock
+        engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages themselves from
+        their keyword arguments, so they always get the virtual heads."""
         hlc_k, hlc_v = self.mixing()
         page_heads = cache.layer_to_allocator[self.layer_idx].num_key_value_heads if MODEL_WRITES_PAGES else None
         if page_heads is None or page_heads >= self.num_kv_heads:
@@ -344,7 +353,7 @@ class MEAAttention(nn.Module):
                 self.layer_idx, kwargs=kwargs,
             )  # fmt: skip
             key, value = key[:, :stored], value[:, :stored]
-            if hlc_k is not None and self._use_absorb(query.shape[2], cached=True):  # decode-sized batches
+            if hlc_k is not None and self._paged_absorb(query.shape[2]):
                 attn_output, attn_weights = absorbed_attention(
                     query, key, value, hlc_k, hlc_v, attention_mask, self.scaling, self.num_key_value_groups
                 )
