@@ -114,7 +114,10 @@ def fit(matrix: torch.Tensor, gram: torch.Tensor, rank: int, metric: torch.Tenso
     `matrix` onto the top-`rank` eigenvectors of `gram` (module docstring). `metric`: (batch, n) positive weights."""
     scale = torch.ones(gram.shape[:-1], dtype=torch.float64) if metric is None else metric.double().sqrt()
     scale = scale / scale.mean(-1, keepdim=True)  # only relative weights within a batch entry matter
-    weighted = gram * scale[..., :, None] * scale[..., None, :]
-    _, vectors = torch.linalg.eigh(weighted)
-    basis = vectors.flip(-1)[..., :rank]
+    basis = top_eigenvectors(gram * scale[..., :, None] * scale[..., None, :], rank)
     return basis / scale[..., :, None], basis.mH @ (scale[..., :, None] * matrix)
+
+
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """(batch, n, rank) orthonormal eigenvectors of Hermitian (batch, n, n) matrices, largest eigenvalues first."""
+    return torch.linalg.eigh(gram)[1].flip(-1)[..., :rank]

@@ -254,7 +254,7 @@ def _install_pca(attn, heads: int, stats: _LayerStats, weighted: bool = False) -
     if not attn.config.qk_norm:
         return
     # qk_norm (scalar only): new pre-norm component c' mirrors sum_c (HLC E)[c, c'] n(x W_c) with n(x W_c) ~= x W_c / rms_c.
-    keep_k = torch.linalg.eigh(stats.gram["k"][0])[1].flip(-1)[:, :heads]
+    keep_k = factors.top_eigenvectors(stats.gram["k"][0], heads)
     rms = (stats.component_sq / stats.count).sqrt().cpu()
     scaled = factors.component_rows(attn, "k") / rms[:, None, None]
     mix = attn.hlc_k.detach().double().cpu() @ keep_k  # (old h', new h')
@@ -349,11 +349,18 @@ def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = Fa
         fit_key_hlc(attn, [(normed, keys) for (normed, _), keys in zip(inputs, key_targets, strict=True)])
 
 
-def _step_scale(tensor: torch.Tensor) -> float:
-    """Adam's step size for `tensor`, before `CALIB_LR`: its RMS; for d x d value maps (banded), also divided by
-    sqrt(d), since a same-signed step on all d inputs of a map moves its output ~sqrt(d) times as much as one scalar."""
+def _step_scale(tensor: torch.Tensor, value_maps: bool) -> float:
+    """Adam's step size for `tensor`, before `CALIB_LR`: its RMS; for d x d value maps (banded `hlc_v`), also divided
+    by sqrt(d), since a same-signed step on all d inputs of a map moves its output ~sqrt(d) times as much as one
+    scalar."""
     scale = tensor.detach().float().pow(2).mean().sqrt().item()
-    return scale / tensor.shape[-1] ** 0.5 if tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] else scale
+    return scale / tensor.shape[-1] ** 0.5 if value_maps else scale
+
+
+def _load(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for tensor, value in zip(tensors, values, strict=True):
+            tensor.copy_(value)
 
 
 def _refine(attn, inputs, targets, steps: int) -> list[float]:
@@ -366,7 +373,8 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    groups = [{"params": [t], "lr": CALIB_LR * _step_scale(t)} for t in tensors]
+    value_maps = attn.hlc_v.dim() == 4
+    groups = [{"params": [t], "lr": CALIB_LR * _step_scale(t, value_maps and t is attn.hlc_v)} for t in tensors]
     optimizer = torch.optim.Adam(groups, fused=tensors[0].device.type in ("cpu", "cuda"))
     best_error, best, bests = float("inf"), None, []
     with torch.enable_grad():
@@ -382,9 +390,7 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
                 best_error, best = error, [t.detach().clone() for t in tensors]
             bests.append(best_error)
             if worse:  # back to the best point with half the step sizes and fresh Adam moments
-                with torch.no_grad():
-                    for tensor, value in zip(tensors, best, strict=True):
-                        tensor.copy_(value)
+                _load(tensors, best)
                 for group in optimizer.param_groups:
                     group["lr"] /= 2
                 optimizer.state.clear()
@@ -393,10 +399,9 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
                 break
             if step < steps:
                 optimizer.step()
-    with torch.no_grad():
-        for tensor, value in zip(tensors, best, strict=True):
-            tensor.copy_(value)
-            tensor.grad = None
+    _load(tensors, best)
+    for tensor in tensors:
+        tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
     return bests
@@ -411,10 +416,10 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int) -> tuple
     attn = layer.self_attn
     inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras) for hidden, extras in batches]
     targets = []
-    for (hidden, extras), original in zip(batches, originals, strict=True):
+    for (hidden, extras), uncompressed in zip(batches, originals, strict=True):
         rows = _fitting_rows(hidden.shape[1], hidden.device)
-        original_output = _attention_output(attn, *_fitting_inputs(attn, layer.input_layernorm(original), extras))
-        targets.append(original[:, rows] + original_output - hidden[:, rows])
+        uncompressed_output = _attention_output(attn, *_fitting_inputs(attn, layer.input_layernorm(uncompressed), extras))
+        targets.append(uncompressed[:, rows] + uncompressed_output - hidden[:, rows])
     stats = _LayerStats(attn)
     for normed, _ in inputs:
         stats.add(normed)
