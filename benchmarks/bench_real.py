@@ -52,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--sensitivity-blocks", type=int, default=8, help="calibration-split blocks; 0 skips it")
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
+    parser.add_argument("--distill-kv-heads", help="the --kv-heads targets to distill, comma-separated (default: all)")
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
                                               calib_blocks, layers=layers, calib_steps=args.calib_steps,
                                               composition="banded")  # fmt: skip
             record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
-        if args.distill_tokens:
+        if args.distill_tokens and str(heads) in (args.distill_kv_heads or args.kv_heads).split(","):
             started = time.perf_counter()
             summary = distill(args, out / f"calib-banded-{heads}", converted_folder, data, out / f"distill-{heads}")
             recovered, _ = load_folder(summary["final_dir"], "float32")
