@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
+from mea_hf.compress import CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=16)
-    parser.add_argument("--calib-steps", type=int, default=60)
+    parser.add_argument("--calib-steps", type=int, default=CALIB_STEPS)
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--sensitivity-blocks", type=int, default=8, help="calibration-split blocks; 0 skips it")
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
