@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             for method in ("svd", "calib"):
                 started = time.perf_counter()
                 label = method if composition == "scalar" else f"{method} banded"
-                folder, compressed = pipeline.compress(
+                _, compressed = pipeline.compress(
                     converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks,
                     calib_steps=args.calib_steps, composition=composition, progress=True,
                 )  # fmt: skip
