@@ -58,10 +58,27 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
+    args.kv_heads = head_counts(parser, "--kv-heads", args.kv_heads)
+    args.distill_kv_heads = head_counts(parser, "--distill-kv-heads", args.distill_kv_heads) or args.kv_heads
+    if not set(args.distill_kv_heads) <= set(args.kv_heads):
+        parser.error(f"--distill-kv-heads {args.distill_kv_heads} must be among --kv-heads {args.kv_heads}.")
     if args.short:
         args.block_size, args.calib_blocks, args.calib_steps, args.eval_blocks = 64, 4, 2, 4
         args.sensitivity_blocks, args.distill_tokens, args.new_tokens = 0, 512, 8
     return args
+
+
+def head_counts(parser, flag: str, spec: str | None) -> list[int]:
+    """A comma-separated list of positive head counts (None: empty), or a parser error naming `flag`."""
+    if spec is None:
+        return []
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"{flag} must be comma-separated positive integers, got {spec!r}.")
+    return counts
 
 
 def english_texts() -> dict[str, list[str]]:
@@ -166,7 +183,7 @@ def main(argv=None) -> int:
     if reference is not None:
         record("original", reference)
     record("converted", model)
-    for heads in (int(h) for h in args.kv_heads.split(",")):
+    for heads in args.kv_heads:
         for composition in ("scalar", "banded"):
             for method in ("svd", "calib"):
                 started = time.perf_counter()
@@ -184,7 +201,7 @@ def main(argv=None) -> int:
                                               calib_blocks, layers=layers, calib_steps=args.calib_steps,
                                               composition="banded")  # fmt: skip
             record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
-        if args.distill_tokens and str(heads) in (args.distill_kv_heads or args.kv_heads).split(","):
+        if args.distill_tokens and heads in args.distill_kv_heads:
             started = time.perf_counter()
             summary = distill(args, out / f"calib-banded-{heads}", converted_folder, data, out / f"distill-{heads}")
             recovered, _ = load_folder(summary["final_dir"], "float32")
