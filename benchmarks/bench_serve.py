@@ -8,9 +8,12 @@ all submitted at once, admitted by the scheduler as pages free up). Per row, in 
 - generated tokens/s over the whole stream (wall clock, including prefills), and generated tokens per CPU-second of
   the process (steadier than wall clock when other jobs share the CPU);
 - peak resident memory (Linux VmHWM) and its growth over the resident size once the model is built.
-With `--repeats N` the rows are measured N times, interleaved (Llama, h/2, h/4, Llama, ...), and the speed columns
+With `--repeats N` the rows are measured N times, interleaved (row by row, then again), and the speed columns
 are the medians (every measurement is kept in the JSON); the capacity columns do not change between repeats.
-Ratios are to the Llama row of the same run (JSON, PNG, Markdown table). The 1-minute load average before and after
+Two Llama rows: transformers' stock SDPA paged path (all sequences of a forward packed into one block-diagonal
+attention) and the same model with MEA's per-sequence kernel (`mea_hf.paged_attention.per_sequence_sdpa`, which the
+MEA rows use); ratios are to `--baseline` (default the latter: the same kernel, so the ratio is the architecture's)
+of the same run (JSON, PNG, Markdown table). The 1-minute load average before and after
 the run is recorded (the rows are timed on a CPU that may be shared).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
@@ -27,17 +30,23 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from mea_hf.cache_mea import PagedConfigView
 from mea_hf.configuration_mea import MEAConfig
 from mea_hf.memory import kv_bytes_per_token
 from mea_hf.modeling_mea import MEAForCausalLM
+from mea_hf.paged_attention import per_sequence_sdpa
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.tables import markdown_table
 
-ROWS = {"llama": ("Llama", None), "mea_half": ("MEA h'=h/2", 2), "mea_quarter": ("MEA h'=h/4", 4)}
+ROWS = {
+    "llama": ("Llama, stock packed SDPA", None),
+    "llama_per_sequence": ("Llama, per-sequence SDPA", None),
+    "mea_half": ("MEA h'=h/2", 2),
+    "mea_quarter": ("MEA h'=h/4", 4),
+}
 MIB = 2**20
 
 
@@ -45,6 +54,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench_serve")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--baseline", default="llama_per_sequence", choices=list(ROWS), help="row the ratios are to")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8, help="query heads = KV heads h (MHA)")
@@ -90,6 +100,8 @@ def rss_kib(field: str) -> int:
 
 def measure_row(row: str, args) -> dict:
     torch.set_num_threads(1)
+    if row == "llama_per_sequence":  # this subprocess only: Llama's SDPA calls go to MEA's per-sequence kernel
+        AttentionInterface.register("sdpa", per_sequence_sdpa)
     model = build(row, args)
     config = model.config if ROWS[row][1] is None else PagedConfigView(model.config)
     page_bytes_per_token = kv_bytes_per_token(config, dtype=model.dtype)
@@ -128,8 +140,8 @@ def measure_row(row: str, args) -> dict:
     }
 
 
-def add_ratios(results: dict) -> None:
-    base = results.get("llama")
+def add_ratios(results: dict, baseline: str) -> None:
+    base = results.get(baseline)
     for row in results.values():
         for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward", "tokens_per_s",
                     "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):  # fmt: skip
@@ -186,7 +198,7 @@ def main(argv=None) -> int:
         results[row] = {**measured[0], "runs": measured}
         for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):
             results[row][key] = statistics.median(run[key] for run in measured)
-    add_ratios(results)
+    add_ratios(results, args.baseline)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

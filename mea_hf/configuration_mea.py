@@ -44,7 +44,8 @@ class MEAConfig(PreTrainedConfig):
     kv_decode (`"auto"`, `"reconstruct"` or `"absorb"`, defaults to `"auto"`):
         How cached steps attend (all exact; see docs/decode.md). `"auto"` picks per layer: a layer with h' = h caches
         its composed heads (HLC applied once, when tokens enter the cache) and decodes as plain attention; a layer
-        with h' < h caches components and decodes with `"absorb"` (continuous-batching forwards reconstruct).
+        with h' < h caches components and decodes with `"absorb"` (continuous batching attends per sequence: decode
+        rows read the components as one h'·d-wide KV head, prefill chunks reconstruct).
         `"reconstruct"` / `"absorb"` cache components in every layer. A cache filled under one setting is refused
         under another.
     o_proj_bias (`bool`, *optional*):

@@ -52,6 +52,7 @@ from .cache_mea import (
     stores_composed,
 )
 from .configuration_mea import MEAConfig
+from .paged_attention import per_sequence_component_attention, per_sequence_sdpa
 
 # Cached steps with at most this many query tokens (decode, speculative verification) may use the absorbed path;
 # long prefills and every uncached (training) forward reconstruct.
@@ -249,13 +250,37 @@ class MEAAttention(nn.Module):
         )
 
     def _paged_absorb(self, query_len: int) -> bool:
-        """Absorb a paged batch only when `kv_decode="absorb"` asks for it; "auto" reconstructs. A paged forward packs
-        all its sequences into one block of T query rows against the S cached tokens of all of them (a block-diagonal
-        mask), so absorb's h'*H*T*S*d multiply-adds (scores, and as many for values) exceed reconstruct's
-        h*h'*S*d (compose, once per key row) + H*T*S*d (attention) whenever h' >= 2 and T >= 2. Measured on CPU
-        (docs/serving.md): at h' >= 2 reconstruct is the fastest at every packed batch shape, T = 1 included; at
-        h' = 1 absorb is within 13% of it on decode batches and 3.3x slower on mixed prefill batches."""
+        """Absorb a paged batch with `absorbed_attention` only when `kv_decode="absorb"` asks for it. That call attends
+        over the packed batch (T query rows against the S cached tokens of all sequences, a block-diagonal mask), so
+        its h'*H*T*S*d multiply-adds grow with the square of the sequences held; "auto" attends per sequence instead
+        (`_per_sequence_component_attention`). Measurements: docs/serving.md."""
         return self.config.kv_decode == "absorb" and self._use_absorb(query_len, cached=True)
+
+    def _paged_per_sequence(self) -> bool:
+        """Attend each sequence of a paged batch on its own (`mea_hf.paged_attention`) instead of transformers'
+        packed SDPA call: true for the SDPA implementation, the one continuous batching uses on CPU."""
+        return self.config._attn_implementation == "sdpa"
+
+    def _per_sequence_component_attention(self, query, key_components, value_components, attention_mask, **kwargs):
+        """`per_sequence_component_attention` with this layer's mixing: (1, H, T, d) queries -> (1, T, H, d). Decoding
+        sequences read the components as one h'·d-wide KV head (no virtual heads built), prefill chunks compose."""
+        hlc_k, hlc_v = (mixing.to(query.dtype) for mixing in self.mixing())
+        key_rows = hlc_k.transpose(-1, -2) if hlc_k.dim() == 4 else hlc_k  # maps acting on query rows
+        group = torch.arange(self.num_heads, device=query.device) // self.num_key_value_groups
+        num_components = key_components.shape[1]
+
+        def fold_queries(rows):  # (1, H, n, d) -> (1, H, n, h'd)
+            return _per_component_rows(rows, key_rows, group).permute(0, 2, 3, 1, 4).flatten(-2)
+
+        def mix_outputs(wide):  # (1, n, H, h'd) -> (1, n, H, d)
+            rows = wide.unflatten(-1, (num_components, self.head_dim)).permute(0, 3, 2, 1, 4)  # (1, h', H, n, d)
+            return _sum_over_components(rows, hlc_v, group).transpose(1, 2)
+
+        return per_sequence_component_attention(
+            query, key_components, value_components, attention_mask, self.scaling, fold_queries, mix_outputs,
+            lambda keys, values: (compose_heads(keys, hlc_k), compose_heads(values, hlc_v)),
+            kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
+        )  # fmt: skip
 
     def forward(
         self,
@@ -328,10 +353,11 @@ class MEAAttention(nn.Module):
     def _paged_forward(self, query, key_components, value_components, attention_mask, cache, **kwargs):
         """Continuous batching (docs/design.md §3). From transformers 5.24 on the model writes the pages: pages sized by
         MEA's manager hold fewer heads than h, and then get this layer's components (zero-padded to the page's head
-        count), which are read back and attended over exactly: composed (reconstruct) unless `kv_decode="absorb"`
-        asks for `absorbed_attention` (`_paged_absorb`). Pages of h heads (a [2, 1] model, or a cache the stock
+        count), which are read back and attended over exactly: per sequence under SDPA (`kv_decode="auto"`:
+        `_per_sequence_component_attention`; "reconstruct": composed heads, `per_sequence_sdpa`), or the packed
+        `absorbed_attention` for "absorb" (`_paged_absorb`). Pages of h heads (a [2, 1] model, or a cache the stock
         engine sized) get the composed virtual heads. Up to 5.23 the paged kernels write the pages themselves from
-        their keyword arguments, so they always get the virtual heads."""
+        their keyword arguments, so they always get the virtual heads and the stock kernel."""
         hlc_k, hlc_v = self.mixing()
         page_heads = cache.layer_to_allocator[self.layer_idx].num_key_value_heads if MODEL_WRITES_PAGES else None
         if page_heads is None or page_heads >= self.num_kv_heads:
@@ -358,9 +384,15 @@ class MEAAttention(nn.Module):
                     query, key, value, hlc_k, hlc_v, attention_mask, self.scaling, self.num_key_value_groups
                 )
                 return self._output(attn_output), attn_weights
+            auto = self.config.kv_decode == "auto"
+            if hlc_k is not None and hlc_v is not None and auto and self._paged_per_sequence():
+                attn_output = self._per_sequence_component_attention(query, key, value, attention_mask, **kwargs)
+                return self._output(attn_output), None
             key, value = compose_heads(key, hlc_k), compose_heads(value, hlc_v)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attention_interface: Callable = (
+            per_sequence_sdpa
+            if page_heads is not None and self._paged_per_sequence()
+            else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         )
         attn_output, attn_weights = attention_interface(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 import mea_hf
 from mea_hf.hub import push_folder, save_folder
 
-REMOTE_CODE_FILES = {"configuration_mea.py", "modeling_mea.py", "cache_mea.py"}
+REMOTE_CODE_FILES = {"configuration_mea.py", "modeling_mea.py", "cache_mea.py", "paged_attention.py"}
 AUTO_MAP = {
     "AutoConfig": "configuration_mea.MEAConfig",
     "AutoModel": "modeling_mea.MEAModel",
