@@ -52,7 +52,7 @@ from .cache_mea import (
     stores_composed,
 )
 from .configuration_mea import MEAConfig
-from .paged_attention import per_sequence_component_attention, per_sequence_sdpa
+from .paged_attention import attends_per_sequence, per_sequence_component_attention, per_sequence_sdpa
 
 # Cached steps with at most this many query tokens (decode, speculative verification) may use the absorbed path;
 # long prefills and every uncached (training) forward reconstruct.
@@ -256,10 +256,11 @@ class MEAAttention(nn.Module):
         (`_per_sequence_component_attention`). Measurements: docs/serving.md."""
         return self.config.kv_decode == "absorb" and self._use_absorb(query_len, cached=True)
 
-    def _paged_per_sequence(self) -> bool:
+    def _paged_per_sequence(self, cu_seq_lens_q) -> bool:
         """Attend each sequence of a paged batch on its own (`mea_hf.paged_attention`) instead of transformers'
-        packed SDPA call: true for the SDPA implementation, the one continuous batching uses on CPU."""
-        return self.config._attn_implementation == "sdpa"
+        packed SDPA call: under the SDPA implementation (the one continuous batching uses on CPU), for batches of
+        more than `PACKED_MAX_SEQUENCES` sequences."""
+        return self.config._attn_implementation == "sdpa" and attends_per_sequence(cu_seq_lens_q)
 
     def _per_sequence_component_attention(self, query, key_components, value_components, attention_mask, **kwargs):
         """`per_sequence_component_attention` with this layer's mixing: (1, H, T, d) queries -> (1, T, H, d). Decoding
@@ -368,6 +369,7 @@ class MEAAttention(nn.Module):
                 "MEA's component pages cannot be read by the block-table decode kernel (it would attend over "
                 "components as if they were heads); keep `max_blocks_per_request=0` in the ContinuousBatchingConfig."
             )
+        per_sequence = page_heads is not None and self._paged_per_sequence(kwargs.get("cu_seq_lens_q"))
         if page_heads is None:
             kwargs["cache"] = cache
             key, value = key_components, value_components
@@ -384,14 +386,13 @@ class MEAAttention(nn.Module):
                     query, key, value, hlc_k, hlc_v, attention_mask, self.scaling, self.num_key_value_groups
                 )
                 return self._output(attn_output), attn_weights
-            auto = self.config.kv_decode == "auto"
-            if hlc_k is not None and hlc_v is not None and auto and self._paged_per_sequence():
+            if hlc_k is not None and hlc_v is not None and per_sequence and self.config.kv_decode == "auto":
                 attn_output = self._per_sequence_component_attention(query, key, value, attention_mask, **kwargs)
                 return self._output(attn_output), None
             key, value = compose_heads(key, hlc_k), compose_heads(value, hlc_v)
         attention_interface: Callable = (
             per_sequence_sdpa
-            if page_heads is not None and self._paged_per_sequence()
+            if per_sequence
             else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         )
         attn_output, attn_weights = attention_interface(

@@ -11,6 +11,7 @@ from helpers import tiny_model
 from transformers.generation.continuous_batching.utils import build_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from mea_hf import paged_attention
 from mea_hf.modeling_mea import compose_heads
 from mea_hf.paged_attention import per_sequence_sdpa
 
@@ -33,6 +34,13 @@ def packed_batch(num_heads, num_kv_heads, width, sliding_window=1, seed=0):
     return query, key, value, mask, torch.tensor(cu_q), torch.tensor(cu_k)
 
 
+@pytest.fixture(params=[0, paged_attention.PACKED_MAX_SEQUENCES], ids=["per_sequence", "small_batch_packed"])
+def packed_max_sequences(request, monkeypatch):
+    """Run with every batch attended per sequence, and with the default (this batch is small enough to be packed)."""
+    monkeypatch.setattr(paged_attention, "PACKED_MAX_SEQUENCES", request.param)
+    return request.param
+
+
 class Grouped(torch.nn.Module):
     """What transformers' SDPA function reads from the attention module."""
 
@@ -43,7 +51,7 @@ class Grouped(torch.nn.Module):
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("sliding_window", [1, 4], ids=["causal", "sliding_window_4"])
-def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window):
+def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window, packed_max_sequences):
     query, key, value, mask, cu_q, cu_k = packed_batch(4, num_kv_heads, 8, sliding_window)
     module = Grouped(4 // num_kv_heads)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)

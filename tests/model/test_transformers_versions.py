@@ -17,6 +17,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
+from mea_hf import paged_attention
 from mea_hf.cache_mea import CACHE_ARG, MEACache, output_cache
 from mea_hf.modeling_mea import MEAAttention, MEADecoderLayer, MEAForCausalLM, MEAModel
 
@@ -107,7 +108,31 @@ PROMPTS = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41], [60, 61,
 )
 @pytest.mark.slow
 def test_generate_batch_equals_per_prompt_generate(shape):
-    model = make_model(**shape)
+    assert_generate_batch_matches_generate(make_model(**shape))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(num_key_value_heads=4, num_component_heads=4),
+        dict(num_key_value_heads=4, num_component_heads=2),
+        dict(num_key_value_heads=4, num_component_heads=2, kv_decode="reconstruct"),
+        dict(num_key_value_heads=2, num_component_heads=[2, 1]),
+        dict(num_key_value_heads=4, num_component_heads=2, composition="banded"),
+    ],
+    ids=["mha_uncompressed", "mha_half", "mha_half_reconstruct", "gqa_second_layer_only", "mha_half_banded"],
+)
+@pytest.mark.slow
+def test_generate_batch_attending_per_sequence_equals_generate(shape, monkeypatch):
+    """The same with every paged batch attended per sequence (`mea_hf.paged_attention`; by default only batches of
+    more than `PACKED_MAX_SEQUENCES` sequences are, and this stream has 5)."""
+    monkeypatch.setattr(paged_attention, "PACKED_MAX_SEQUENCES", 0)
+    assert_generate_batch_matches_generate(make_model(**shape))
+
+
+def assert_generate_batch_matches_generate(model):
+    """Greedy tokens of `generate_batch` over PROMPTS (mixed lengths, small pages: requests are admitted while others
+    decode) equal per-prompt `generate(use_cache=False)`."""
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)  # -1: none
     results = model.generate_batch(inputs=PROMPTS, generation_config=config, continuous_batching_config=SMALL_PAGES)
     got = {int(result.request_id.split("_")[-1]): result.generated_tokens for result in results.values()}
@@ -122,7 +147,9 @@ def paged_bytes_per_token(model) -> float:
     manager = model.init_continuous_batching(GenerationConfig(do_sample=False), continuous_batching_config=SMALL_PAGES)
     try:
         cache = manager._create_batch_processor().cache
-        return sum(ca.bytes_per_page * len(ca.layer_indices) / ca.tokens_per_page for ca in cache.cache_allocators.values())
+        return sum(
+            ca.bytes_per_page * len(ca.layer_indices) / ca.tokens_per_page for ca in cache.cache_allocators.values()
+        )
     finally:
         manager.destroy()
 
