@@ -258,8 +258,8 @@ class MEAAttention(nn.Module):
 
     def _paged_per_sequence(self, cu_seq_lens_q) -> bool:
         """Attend each sequence of a paged batch on its own (`mea_hf.paged_attention`) instead of transformers'
-        packed SDPA call: under the SDPA implementation (the one continuous batching uses on CPU), for batches of
-        more than `PACKED_MAX_SEQUENCES` sequences."""
+        packed SDPA call: under the SDPA implementation (the one continuous batching uses on CPU), for the batches
+        `attends_per_sequence` picks (many sequences, or a prefill chunk beside others)."""
         return self.config._attn_implementation == "sdpa" and attends_per_sequence(cu_seq_lens_q)
 
     def _per_sequence_component_attention(self, query, key_components, value_components, attention_mask, **kwargs):

@@ -17,15 +17,19 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-# Batches of at most this many sequences take the packed call: below it the per-sequence loop's fixed cost (a few
-# small ops per sequence and layer) exceeds the packed call's wasted work (benchmarks/bench_paged_attention.py).
+# Decode-only batches of at most this many sequences take the packed call: there the per-sequence loop's fixed cost (a
+# few small ops per sequence and layer) exceeds the packed call's wasted work (benchmarks/bench_paged_attention.py).
 PACKED_MAX_SEQUENCES = 8
 
 
 def attends_per_sequence(cu_seq_lens_q: torch.Tensor | None) -> bool:
-    """Does a packed batch with these cumulative query lengths attend per sequence (more than
-    `PACKED_MAX_SEQUENCES` sequences)?"""
-    return cu_seq_lens_q is not None and len(cu_seq_lens_q) - 1 > PACKED_MAX_SEQUENCES
+    """Does a packed batch with these cumulative query lengths attend per sequence? Yes if it holds more than
+    `PACKED_MAX_SEQUENCES` sequences, or several sequences one of which prefills (a prefill chunk's rows against every
+    other sequence's keys are the packed call's largest waste)."""
+    if cu_seq_lens_q is None:
+        return False
+    num_sequences, num_rows = len(cu_seq_lens_q) - 1, int(cu_seq_lens_q[-1])
+    return num_sequences > PACKED_MAX_SEQUENCES or 1 < num_sequences < num_rows
 
 
 def sequence_blocks(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor) -> tuple[list, list]:
@@ -71,7 +75,7 @@ def per_sequence_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Attention of a packed batch, one SDPA call per sequence: query (1, H, T, d), key/value (1, h_kv, S, d), the
     engine's (1, 1, T, S) additive mask and cumulative lengths. Returns (1, T, H, d) like transformers' kernels.
-    Batches of at most `PACKED_MAX_SEQUENCES` sequences go to transformers' packed SDPA function instead."""
+    Batches that `attends_per_sequence` leaves packed go to transformers' packed SDPA function instead."""
     _check_packed(query, cu_seq_lens_q, cu_seq_lens_k)
     if dropout:
         raise ValueError("per_sequence_sdpa is an inference kernel (continuous batching): dropout must be 0.")

@@ -16,14 +16,15 @@ from mea_hf.modeling_mea import compose_heads
 from mea_hf.paged_attention import per_sequence_sdpa
 
 # (query rows, key rows) per sequence: 3 decodes, a prefill chunk over a cached past, a fresh prompt, an idle one
-SEQUENCES = [(1, 7), (5, 12), (1, 20), (0, 4), (9, 9), (1, 3)]
+MIXED = [(1, 7), (5, 12), (1, 20), (0, 4), (9, 9), (1, 3)]
+DECODES = [(1, 7), (1, 20), (1, 3)]  # by default small decode-only batches stay packed
 
 
-def packed_batch(num_heads, num_kv_heads, width, sliding_window=1, seed=0):
+def packed_batch(num_heads, num_kv_heads, width, sliding_window=1, seed=0, sequences=MIXED):
     """Random packed queries/keys/values, the engine's additive mask and the cumulative lengths as tensors."""
     generator = torch.Generator().manual_seed(seed)
     cu_q, cu_k = [0], [0]
-    for query_rows, key_rows in SEQUENCES:
+    for query_rows, key_rows in sequences:
         cu_q.append(cu_q[-1] + query_rows)
         cu_k.append(cu_k[-1] + key_rows)
     mask = torch.full((1, 1, cu_q[-1], cu_k[-1]), torch.finfo(torch.float32).min)
@@ -34,9 +35,9 @@ def packed_batch(num_heads, num_kv_heads, width, sliding_window=1, seed=0):
     return query, key, value, mask, torch.tensor(cu_q), torch.tensor(cu_k)
 
 
-@pytest.fixture(params=[0, paged_attention.PACKED_MAX_SEQUENCES], ids=["per_sequence", "small_batch_packed"])
+@pytest.fixture(params=[0, paged_attention.PACKED_MAX_SEQUENCES], ids=["always_per_sequence", "default"])
 def packed_max_sequences(request, monkeypatch):
-    """Run with every batch attended per sequence, and with the default (this batch is small enough to be packed)."""
+    """Run with every batch attended per sequence, and with the default threshold."""
     monkeypatch.setattr(paged_attention, "PACKED_MAX_SEQUENCES", request.param)
     return request.param
 
@@ -51,8 +52,9 @@ class Grouped(torch.nn.Module):
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("sliding_window", [1, 4], ids=["causal", "sliding_window_4"])
-def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window, packed_max_sequences):
-    query, key, value, mask, cu_q, cu_k = packed_batch(4, num_kv_heads, 8, sliding_window)
+@pytest.mark.parametrize("sequences", [MIXED, DECODES], ids=["mixed", "decodes"])
+def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window, sequences, packed_max_sequences):
+    query, key, value, mask, cu_q, cu_k = packed_batch(4, num_kv_heads, 8, sliding_window, sequences=sequences)
     module = Grouped(4 // num_kv_heads)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     got, weights = per_sequence_sdpa(
@@ -60,6 +62,12 @@ def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window, 
     )
     assert weights is None and got.shape == expected.shape == (1, query.shape[2], 4, 8)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_which_batches_attend_per_sequence():
+    lengths = [torch.tensor(cumulative) for cumulative in ([0, 1, 2, 3], [0, 1, 6, 7], [0, 9], list(range(10)))]
+    assert [paged_attention.attends_per_sequence(cu) for cu in lengths] == [False, True, False, True]
+    assert not paged_attention.attends_per_sequence(None)
 
 
 def test_per_sequence_sdpa_refuses_what_is_not_a_packed_batch():

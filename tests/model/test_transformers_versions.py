@@ -124,8 +124,8 @@ def test_generate_batch_equals_per_prompt_generate(shape):
 )
 @pytest.mark.slow
 def test_generate_batch_attending_per_sequence_equals_generate(shape, monkeypatch):
-    """The same with every paged batch attended per sequence (`mea_hf.paged_attention`; by default only batches of
-    more than `PACKED_MAX_SEQUENCES` sequences are, and this stream has 5)."""
+    """The same with every paged batch attended per sequence (`mea_hf.paged_attention`; by default small decode-only
+    batches, which this stream of 5 requests ends with, keep the packed call)."""
     monkeypatch.setattr(paged_attention, "PACKED_MAX_SEQUENCES", 0)
     assert_generate_batch_matches_generate(make_model(**shape))
 
