@@ -30,7 +30,7 @@ from mea_hf.cache_mea import MEAQuantizedCache
 from mea_hf.evaluation.speed import prefill, time_decode
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("configuration_mea.py", "cache_mea.py", "modeling_mea.py")
+FILES = ("configuration_mea.py", "cache_mea.py", "modeling_mea.py", "paged_attention.py")  # the model's own code
 
 
 def load_base(revision: str, folder: Path):
@@ -38,7 +38,11 @@ def load_base(revision: str, folder: Path):
     package = folder / "mea_base"
     package.mkdir()
     (package / "__init__.py").write_text("")
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", revision, "mea_hf/"], check=True,
+                            capture_output=True, text=True).stdout.split()  # fmt: skip
     for name in FILES:
+        if f"mea_hf/{name}" not in listed:  # older revisions have fewer of them
+            continue
         source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:mea_hf/{name}"], check=True,
                                 capture_output=True, text=True).stdout  # fmt: skip
         (package / name).write_text(source)

@@ -11,9 +11,9 @@ from .model_card import render_model_card
 def save_folder(model, path, tokenizer=None, card: dict | None = None, overwrite: bool = False) -> Path:
     """Save `model` (and `tokenizer`) to `path` as a folder that `from_pretrained` and the Hub accept.
 
-    MEA models get their `configuration_mea.py`/`modeling_mea.py`/`cache_mea.py` copied beside the weights, so the
-    folder loads with `trust_remote_code=True` without mea_hf. `card` holds extra model-card facts (how it was made,
-    base model, measured results). `push_folder` uploads exactly this folder.
+    MEA models get their model code (`configuration_mea.py`, `modeling_mea.py`, `cache_mea.py`, `paged_attention.py`)
+    copied beside the weights, so the folder loads with `trust_remote_code=True` without mea_hf. `card` holds extra
+    model-card facts (how it was made, base model, measured results). `push_folder` uploads exactly this folder.
     """
     import mea_hf  # noqa: F401  (registers the Auto classes and the remote-code files)
 

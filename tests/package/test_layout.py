@@ -10,11 +10,11 @@ import pytest
 import mea_hf
 
 PACKAGE = Path(mea_hf.__file__).parent
-REMOTE_CODE = {"configuration_mea", "modeling_mea", "cache_mea"}
+REMOTE_CODE = {"configuration_mea", "modeling_mea", "cache_mea", "paged_attention"}
 REMOTE_CODE_THIRD_PARTY = {"torch", "transformers", "huggingface_hub"}
 # Level of each top-level module or subpackage of mea_hf; a module may import from its own level or lower ones.
 LEVELS = {
-    "model": {"__init__", "configuration_mea", "modeling_mea", "cache_mea", "memory", "convert", "gguf"},
+    "model": {"__init__", "configuration_mea", "modeling_mea", "cache_mea", "paged_attention", "memory", "convert", "gguf"},
     "libraries": {"utils", "resources", "data", "compress", "hub", "evaluation"},
     "pipelines": {"training", "recipes"},
     "app": {"cli"},
