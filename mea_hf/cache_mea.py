@@ -79,7 +79,59 @@ class _ComponentHeadsLayer:
 
 
 class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
-    """A growing cache layer of component heads, shape `[batch, num_component_heads, seq_len, head_dim]`."""
+    """A growing cache layer of component heads, shape `[batch, num_component_heads, seq_len, head_dim]`.
+
+    `keys`/`values` are views of storage with room to spare: an update writes its tokens in place, and only when the
+    room runs out is the storage reallocated, `SPARE_FRACTION` larger than needed. transformers' `DynamicLayer`
+    concatenates instead, copying the whole layer on every decode step, which at long context moves more bytes than
+    attention reads. Anything that replaces `keys` by another tensor (beam reordering, batch selection, offloading)
+    is noticed by `_appends_in_place` and the storage rebuilt; `crop` keeps the view and later tokens overwrite the
+    cropped ones. `cache_nbytes` counts the tokens stored; the spare room (at most 1/32 of them plus 16 tokens per
+    layer) is allocator slack, as in a Python list, and is never read."""
+
+    SPARE_FRACTION = 1 / 32  # extra room per reallocation: at most 1/32 over the stored tokens, plus SPARE_TOKENS
+    SPARE_TOKENS = 16
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # the first update (the prompt) is stored as it comes
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._check_heads(key_states, value_states)
+        length, added = self.keys.shape[-2], key_states.shape[-2]
+        if not self._appends_in_place(length + added):
+            capacity = length + added + int((length + added) * self.SPARE_FRACTION) + self.SPARE_TOKENS
+            self._key_storage, self._value_storage = (
+                _storage_with(states, capacity) for states in (self.keys, self.values)
+            )  # fmt: skip
+        for storage, new in ((self._key_storage, key_states), (self._value_storage, value_states)):
+            storage[..., length : length + added, :] = new
+        self.keys = self._key_storage[..., : length + added, :]
+        self.values = self._value_storage[..., : length + added, :]
+        return self.keys, self.values
+
+    def _appends_in_place(self, length: int) -> bool:
+        """Are `keys`/`values` still the leading rows of this layer's storage, with room for `length` rows?"""
+        storages = (getattr(self, "_key_storage", None), getattr(self, "_value_storage", None))
+        return all(
+            storage is not None
+            and storage.shape[-2] >= length
+            and states.data_ptr() == storage.data_ptr()
+            and states.stride() == storage.stride()
+            and states.shape[:-2] == storage.shape[:-2]
+            and states.shape[-1] == storage.shape[-1]
+            and states.dtype == storage.dtype
+            for states, storage in zip((self.keys, self.values), storages)
+        )
+
+    def reset(self) -> None:
+        self._key_storage = self._value_storage = None
+        super().reset()
+
+
+def _storage_with(states: torch.Tensor, capacity: int) -> torch.Tensor:
+    """New storage of `capacity` rows (dim -2) holding `states` in its leading rows."""
+    storage = states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+    storage[..., : states.shape[-2], :] = states
+    return storage
 
 
 class MEAStaticLayer(_ComponentHeadsLayer, StaticLayer):
@@ -549,8 +601,9 @@ class MEAStaticQuantizedCache(_Int8Cache):
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by the key and value tensors of any transformers cache (allocated size for static caches); int8
-    layers count their payload, scales and full-precision residual (`MEAInt8Layer.nbytes`)."""
+    """Bytes of the key and value tensors of any transformers cache (allocated size for static caches; for
+    `MEADynamicLayer` the tokens stored, not its spare room); int8 layers count their payload, scales and
+    full-precision residual (`MEAInt8Layer.nbytes`)."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, _Int8Storage):

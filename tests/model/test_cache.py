@@ -47,23 +47,44 @@ def test_dynamic_cache_operations_match_transformers():
     assert_same_contents(cache, reference)
     assert cache.get_seq_length() == 7
 
-    for operation, argument in [
-        ("crop", -2),
-        ("reorder_cache", torch.tensor([2, 0, 0])),
-        ("batch_repeat_interleave", 2),
-        ("batch_select_indices", torch.tensor([0, 3, 5])),
-    ]:
+    for step, (operation, argument, batch) in enumerate([
+        ("crop", -2, 3),  # later tokens overwrite the cropped ones in MEACache's storage
+        ("reorder_cache", torch.tensor([2, 0, 0]), 3),
+        ("batch_repeat_interleave", 2, 6),
+        ("batch_select_indices", torch.tensor([0, 3, 5]), 3),
+    ]):  # fmt: skip
         getattr(cache, operation)(argument)
         getattr(reference, operation)(argument)
         assert_same_contents(cache, reference)
-    fill([cache, reference], batch=3, lengths=[2], seed=100)  # still usable after all of that
-    assert_same_contents(cache, reference)
-    assert cache.get_seq_length() == 7
+        fill([cache, reference], batch=batch, lengths=[1, 2], seed=100 + 10 * step)  # appends after each operation
+        assert_same_contents(cache, reference)
+    assert cache.get_seq_length() == 5 + 2 - 2 + 4 * 3
 
     cache.reset()
     reference.reset()
     assert cache.get_seq_length() == reference.get_seq_length() == 0
     fill([cache, reference], batch=1, lengths=[4], seed=200)
+    assert_same_contents(cache, reference)
+
+
+def test_decode_steps_append_in_place():
+    """After the prompt, MEACache writes new tokens into storage with room to spare instead of concatenating: the
+    storage (and so the data pointer of `keys`) stays put until the room runs out, and the contents equal a
+    DynamicCache's."""
+    config = tiny_mea_config(num_component_heads=COMPONENTS)
+    cache, reference = MEACache(config), DynamicCache()
+    fill([cache, reference], batch=2, lengths=[40, 1])  # the prompt, then the first step moves it into storage
+    layer = cache.layers[0]
+    capacity = layer._key_storage.shape[-2]
+    assert capacity == 41 + 41 // 32 + MEADynamicLayer.SPARE_TOKENS
+    pointers = {layer.keys.data_ptr()}
+    for step in range(capacity - 41):  # fill the spare room exactly
+        fill([cache, reference], batch=2, lengths=[1], seed=1000 + 10 * step)
+        pointers.add(cache.layers[0].keys.data_ptr())
+    assert len(pointers) == 1 and cache.get_seq_length() == capacity
+    assert_same_contents(cache, reference)
+    fill([cache, reference], batch=2, lengths=[1], seed=2000)  # past the room: new storage, same contents
+    assert cache.layers[0].keys.data_ptr() not in pointers
     assert_same_contents(cache, reference)
 
 
