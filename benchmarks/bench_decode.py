@@ -1,4 +1,5 @@
-"""Decode benchmark: plain Llama (DynamicCache) vs MEA at h' = h, h/2, h/4 over each decode path and the int8 cache.
+"""Decode benchmark: plain Llama (DynamicCache) vs MEA at h' = h, h/2, h/4 over each decode path and the int8 cache;
+Llama and MEA h/2 also over pre-allocated (static) caches, which copy nothing per step.
 
 For each context length, every model prefills the same random context (in chunks, `mea_hf.evaluation.speed.prefill`), then:
 - decode speed: greedy single-token steps over the model's default cache (`mea_hf.evaluation.speed.time_decode`); the rows take
@@ -27,9 +28,9 @@ from statistics import median
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from mea_hf.cache_mea import MEAQuantizedCache
+from mea_hf.cache_mea import MEAQuantizedCache, MEAStaticCache
 from mea_hf.configuration_mea import MEAConfig
 from mea_hf.evaluation.speed import prefill, time_decode
 from mea_hf.memory import cache_nbytes
@@ -37,13 +38,15 @@ from mea_hf.modeling_mea import MEAForCausalLM
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.tables import markdown_table
 
-ROWS = {  # name -> (label, MEA fields or None for Llama); "heads": h' as a fraction of h; "int8": MEAQuantizedCache
-    "llama": ("Llama, DynamicCache", None),
+ROWS = {  # name -> (label, fields); "heads": h' as a fraction of h; "int8": MEAQuantizedCache; "static": pre-allocated
+    "llama": ("Llama, DynamicCache", {"llama": True, "heads": 1}),
+    "llama_static": ("Llama, StaticCache", {"llama": True, "heads": 1, "static": True}),
     "mea": ("MEA h'=h, reconstruct", {"heads": 1, "kv_decode": "reconstruct"}),
     "mea_auto": ("MEA h'=h, auto", {"heads": 1, "kv_decode": "auto"}),
     "mea_half_reconstruct": ("MEA h'=h/2, reconstruct", {"heads": 2, "kv_decode": "reconstruct"}),
     "mea_half_absorb": ("MEA h'=h/2, absorb", {"heads": 2, "kv_decode": "absorb"}),
     "mea_half_auto": ("MEA h'=h/2, auto", {"heads": 2, "kv_decode": "auto"}),
+    "mea_half_static": ("MEA h'=h/2, auto, MEAStaticCache", {"heads": 2, "kv_decode": "auto", "static": True}),
     "mea_half_banded": ("MEA h'=h/2, auto, banded HLC", {"heads": 2, "kv_decode": "auto", "composition": "banded"}),
     "mea_quarter_auto": ("MEA h'=h/4, auto", {"heads": 4, "kv_decode": "auto"}),
     "mea_half_int8": ("MEA h'=h/2, auto, int8", {"heads": 2, "kv_decode": "auto", "int8": True}),
@@ -98,7 +101,7 @@ def build(row: str, args):
     )  # fmt: skip
     torch.manual_seed(args.seed)
     fields = ROWS[row][1]
-    if fields is None:
+    if fields.get("llama"):
         model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation=args.attn))
     else:
         heads = args.kv_heads // fields["heads"]
@@ -109,10 +112,14 @@ def build(row: str, args):
     return model.to(getattr(torch, args.dtype)).eval()
 
 
-def empty_cache(row: str, model):
-    """The cache a row decodes over: the model's default one (None), or the int8 cache for int8 rows."""
+def empty_cache(row: str, model, max_cache_len: int):
+    """The cache a row decodes over: the model's default one (None), the int8 cache for int8 rows, or a static cache
+    of `max_cache_len` tokens (transformers' `StaticCache` for Llama, `MEAStaticCache` for MEA)."""
     fields = ROWS[row][1]
-    return MEAQuantizedCache(model.config) if fields and fields.get("int8") else None
+    if fields.get("static"):
+        static = StaticCache if fields.get("llama") else MEAStaticCache
+        return static(config=model.config, max_cache_len=max_cache_len)
+    return MEAQuantizedCache(model.config) if fields.get("int8") else None
 
 
 def weight_bytes(model) -> int:
@@ -134,7 +141,7 @@ def measure_memory(row: str, context: int, args) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
     rss_before, _ = process_memory()
     cache, next_tokens = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
-                                 cache=empty_cache(row, model))  # fmt: skip
+                                 cache=empty_cache(row, model, context + args.new_tokens + 1))  # fmt: skip
     time_decode(model, cache, next_tokens, args.new_tokens)
     _, peak = process_memory()
     return {"peak_rss": peak, "peak_growth": peak - rss_before, "rss_after_build": rss_before}
@@ -153,7 +160,7 @@ def measure_speed(models: dict, context: int, args, progress) -> dict:
     states, results = {}, {}
     for row, model in models.items():
         states[row] = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
-                              cache=empty_cache(row, model))  # fmt: skip
+                              cache=empty_cache(row, model, context + args.new_tokens + 1))  # fmt: skip
         results[row] = {"kv_bytes": cache_nbytes(states[row][0]), "weight_bytes": weight_bytes(model),
                         "rounds_tokens_per_s": []}  # fmt: skip
         time_decode(model, *states[row], 1)  # warm-up step
