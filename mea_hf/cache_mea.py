@@ -92,6 +92,10 @@ class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
     SPARE_FRACTION = 1 / 32  # extra room per reallocation: at most 1/32 over the stored tokens, plus SPARE_TOKENS
     SPARE_TOKENS = 16
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._key_storage = self._value_storage = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:  # the first update (the prompt) is stored as it comes
             return super().update(key_states, value_states, *args, **kwargs)
@@ -110,7 +114,7 @@ class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
 
     def _appends_in_place(self, length: int) -> bool:
         """Are `keys`/`values` still the leading rows of this layer's storage, with room for `length` rows?"""
-        storages = (getattr(self, "_key_storage", None), getattr(self, "_value_storage", None))
+        storages = (self._key_storage, self._value_storage)
         return all(
             storage is not None
             and storage.shape[-2] >= length
@@ -125,6 +129,11 @@ class MEADynamicLayer(_ComponentHeadsLayer, DynamicLayer):
     def reset(self) -> None:
         self._key_storage = self._value_storage = None
         super().reset()
+
+    def offload(self) -> None:
+        """Offloading moves `keys`/`values` off the device; drop the storage so that its memory goes with them."""
+        self._key_storage = self._value_storage = None
+        super().offload()
 
 
 def _storage_with(states: torch.Tensor, capacity: int) -> torch.Tensor:
