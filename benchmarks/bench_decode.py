@@ -112,13 +112,13 @@ def build(row: str, args):
     return model.to(getattr(torch, args.dtype)).eval()
 
 
-def empty_cache(row: str, model, max_cache_len: int):
+def empty_cache(row: str, model, context: int, args):
     """The cache a row decodes over: the model's default one (None), the int8 cache for int8 rows, or a static cache
-    of `max_cache_len` tokens (transformers' `StaticCache` for Llama, `MEAStaticCache` for MEA)."""
+    with room for the context and the timed steps (transformers' `StaticCache` for Llama, `MEAStaticCache` for MEA)."""
     fields = ROWS[row][1]
     if fields.get("static"):
         static = StaticCache if fields.get("llama") else MEAStaticCache
-        return static(config=model.config, max_cache_len=max_cache_len)
+        return static(config=model.config, max_cache_len=context + args.new_tokens + 1)
     return MEAQuantizedCache(model.config) if fields.get("int8") else None
 
 
@@ -141,7 +141,7 @@ def measure_memory(row: str, context: int, args) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
     rss_before, _ = process_memory()
     cache, next_tokens = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
-                                 cache=empty_cache(row, model, context + args.new_tokens + 1))  # fmt: skip
+                                 cache=empty_cache(row, model, context, args))  # fmt: skip
     time_decode(model, cache, next_tokens, args.new_tokens)
     _, peak = process_memory()
     return {"peak_rss": peak, "peak_growth": peak - rss_before, "rss_after_build": rss_before}
@@ -160,7 +160,7 @@ def measure_speed(models: dict, context: int, args, progress) -> dict:
     states, results = {}, {}
     for row, model in models.items():
         states[row] = prefill(model, context, chunk_size=args.prefill_chunk, seed=args.seed,
-                              cache=empty_cache(row, model, context + args.new_tokens + 1))  # fmt: skip
+                              cache=empty_cache(row, model, context, args))  # fmt: skip
         results[row] = {"kv_bytes": cache_nbytes(states[row][0]), "weight_bytes": weight_bytes(model),
                         "rounds_tokens_per_s": []}  # fmt: skip
         time_decode(model, *states[row], 1)  # warm-up step

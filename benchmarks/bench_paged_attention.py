@@ -32,9 +32,9 @@ import torch
 from transformers.generation.continuous_batching.utils import build_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from mea_hf import paged_attention
 from mea_hf.configuration_mea import MEAConfig
 from mea_hf.modeling_mea import MEAAttention, absorbed_attention, compose_heads
-from mea_hf import paged_attention
 from mea_hf.paged_attention import per_sequence_sdpa
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.tables import markdown_table
@@ -98,7 +98,7 @@ def paths(layer, query, key_components, value_components, mask, cu_q, cu_k):
         )[0],
         "per_sequence_reconstruct": lambda: per_sequence_sdpa(None, query, *composed(), mask, scaling, **lengths)[0],
         "per_sequence_auto": lambda: layer._per_sequence_component_attention(
-            query, key_components, value_components, mask, **lengths
+            query, key_components, value_components, (hlc_k, hlc_v), mask, **lengths
         ),
     }
 

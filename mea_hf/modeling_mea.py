@@ -102,6 +102,12 @@ def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torc
     return mixed.view(batch, num_heads, seq_len, head_dim)
 
 
+def _key_mixing_on_queries(mixing_k: torch.Tensor) -> torch.Tensor:
+    """Key mixing as it acts on query rows: q . (k_c @ M) = (q @ M^T) . k_c, so (d, d) maps are transposed and scalar
+    HLC weights stay as they are."""
+    return mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k
+
+
 def _per_component_rows(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """rows (B, H, T, d) times every component's weight for each row's head: (B, h', H, T, d). `mixing` is (h', h)
     scalars or (h', h, d, d) maps acting on rows; `group` is the KV head of each query head. One op for all h'."""
@@ -167,7 +173,7 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     batch, num_heads, query_len, head_dim = query.shape
     num_components, kv_len = key_components.shape[1:3]
     group = torch.arange(num_heads, device=query.device) // kv_groups
-    mixing_k = (mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k) * scaling  # scale folded in
+    mixing_k = _key_mixing_on_queries(mixing_k) * scaling  # scale folded in
     mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
     folded = _per_component_rows(query, mixing_k, group).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
     scores = _component_scores(folded, key_components).view(batch, num_heads, query_len, kv_len).float()
@@ -262,11 +268,13 @@ class MEAAttention(nn.Module):
         `attends_per_sequence` picks (many sequences, or a prefill chunk beside others)."""
         return self.config._attn_implementation == "sdpa" and attends_per_sequence(cu_seq_lens_q)
 
-    def _per_sequence_component_attention(self, query, key_components, value_components, attention_mask, **kwargs):
-        """`per_sequence_component_attention` with this layer's mixing: (1, H, T, d) queries -> (1, T, H, d). Decoding
-        sequences read the components as one h'·d-wide KV head (no virtual heads built), prefill chunks compose."""
-        hlc_k, hlc_v = (mixing.to(query.dtype) for mixing in self.mixing())
-        key_rows = hlc_k.transpose(-1, -2) if hlc_k.dim() == 4 else hlc_k  # maps acting on query rows
+    def _per_sequence_component_attention(self, query, key_components, value_components, mixing, attention_mask,
+                                          **kwargs):  # fmt: skip
+        """`per_sequence_component_attention` with this layer's `mixing` (`self.mixing()`): (1, H, T, d) queries ->
+        (1, T, H, d). Decoding sequences read the components as one h'·d-wide KV head (no virtual heads built),
+        prefill chunks compose."""
+        hlc_k, hlc_v = (weights.to(query.dtype) for weights in mixing)
+        key_rows = _key_mixing_on_queries(hlc_k)
         group = torch.arange(self.num_heads, device=query.device) // self.num_key_value_groups
         num_components = key_components.shape[1]
 
@@ -387,7 +395,9 @@ class MEAAttention(nn.Module):
                 )
                 return self._output(attn_output), attn_weights
             if hlc_k is not None and hlc_v is not None and per_sequence and self.config.kv_decode == "auto":
-                attn_output = self._per_sequence_component_attention(query, key, value, attention_mask, **kwargs)
+                attn_output = self._per_sequence_component_attention(
+                    query, key, value, (hlc_k, hlc_v), attention_mask, **kwargs
+                )
                 return self._output(attn_output), None
             key, value = compose_heads(key, hlc_k), compose_heads(value, hlc_v)
         attention_interface: Callable = (

@@ -95,7 +95,7 @@ def test_component_attention_equals_packed_attention_over_composed_heads(composi
     hlc_k, hlc_v = attention.mixing()
     with torch.no_grad():
         got = attention._per_sequence_component_attention(
-            query, key, value, mask, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k
+            query, key, value, (hlc_k, hlc_v), mask, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k
         )
         module = Grouped(attention.num_key_value_groups)
         expected, _ = sdpa_attention_forward(
