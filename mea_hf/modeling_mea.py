@@ -85,15 +85,21 @@ def band_maps(bands: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([real, imag], -1), torch.cat([-imag, real], -1)], -2)
 
 
+def as_maps(mixing: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A 4-dim HLC as (h', h, d, d) maps: key bands (h', h, 2, d/2) through `band_maps`, maps as they are."""
+    return band_maps(mixing) if mixing.shape[-1] != head_dim else mixing
+
+
 def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torch.Tensor:
     """Head-level Linear Composition: (batch, h', seq, d) -> (batch, h, seq, d). `mixing` is a scalar HLC (h', h),
-    per-pair maps (h', h, d, d) (virtual head i = sum_c component_c @ mixing[c, i]), or `None` for identity."""
+    (h', h, d, d) maps (virtual head i = sum_c component_c @ mixing[c, i]), key bands (h', h, 2, d/2) (`band_maps`),
+    or `None` for identity."""
     if mixing is None:
         return components
     batch, num_components, seq_len, head_dim = components.shape
     num_heads = mixing.shape[1]
     if mixing.dim() == 4:  # one (seq, h'd) @ (h'd, hd) product against the block matrix of all maps
-        blocks = mixing.to(components.dtype).permute(0, 2, 1, 3).reshape(num_components * head_dim, -1)
+        blocks = as_maps(mixing, head_dim).to(components.dtype).permute(0, 2, 1, 3).reshape(num_components * head_dim, -1)
         mixed = components.transpose(1, 2).reshape(batch, seq_len, -1) @ blocks
         return mixed.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)
     # One (h x h') @ (h' x seq*d) product per sequence, written straight into the output layout (no copies).
@@ -102,23 +108,31 @@ def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torc
     return mixed.view(batch, num_heads, seq_len, head_dim)
 
 
-def _key_mixing_on_queries(mixing_k: torch.Tensor) -> torch.Tensor:
-    """Key mixing as it acts on query rows: q . (k_c @ M) = (q @ M^T) . k_c, so (d, d) maps are transposed and scalar
-    HLC weights stay as they are."""
-    return mixing_k.transpose(-1, -2) if mixing_k.dim() == 4 else mixing_k
+def _fold_queries(rows: torch.Tensor, mixing_k: torch.Tensor, kv_groups: int) -> torch.Tensor:
+    """Key mixing moved onto the queries, for every component: rows (B, H, T, d) -> (B, h', H, T, d) with
+    q . (k_c W[c, i]) = (q W[c, i]^T) . k_c; query head i reads KV head i // kv_groups (the query heads are viewed as
+    (h, kv_groups), so no weight is copied per query head). `mixing_k`: (h', h) scalars, (h', h, d, d) maps acting on
+    rows, or key bands (h', h, 2, d/2): the transpose of a complex weight a + ib on pair (q_j, q_j+d/2) is its
+    conjugate, (a q_j + b q_j+d/2, a q_j+d/2 - b q_j), applied element-wise (no d x d map is built)."""
+    batch, num_heads, length, head_dim = rows.shape
+    grouped = rows.view(batch, -1, kv_groups, length, head_dim)
+    if mixing_k.dim() == 2:
+        folded = torch.einsum("bkgtd,ck->bckgtd", grouped, mixing_k)
+    elif mixing_k.shape[-1] == head_dim:
+        folded = torch.einsum("bkgtd,cked->bckgte", grouped, mixing_k)
+    else:
+        real, imag = (part[:, :, None, None, :] for part in mixing_k.unbind(2))  # (h', h, 1, 1, d/2)
+        first, second = grouped[:, None].chunk(2, dim=-1)
+        folded = torch.cat([real * first + imag * second, real * second - imag * first], dim=-1)
+    return folded.reshape(batch, mixing_k.shape[0], num_heads, length, head_dim)
 
 
-def _per_component_rows(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """rows (B, H, T, d) times every component's weight for each row's head: (B, h', H, T, d). `mixing` is (h', h)
-    scalars or (h', h, d, d) maps acting on rows; `group` is the KV head of each query head. One op for all h'."""
-    weights = mixing[:, group]
-    return torch.einsum("bhtd,ch->bchtd" if weights.dim() == 2 else "bhtd,chde->bchte", rows, weights)
-
-
-def _sum_over_components(rows: torch.Tensor, mixing: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def _sum_over_components(rows: torch.Tensor, mixing: torch.Tensor, kv_groups: int) -> torch.Tensor:
     """sum_c rows[:, c] times component c's weight for each row's head: (B, h', H, T, d) -> (B, H, T, d)."""
-    weights = mixing[:, group]
-    return torch.einsum("bchtd,ch->bhtd" if weights.dim() == 2 else "bchtd,chde->bhte", rows, weights)
+    batch, num_components, num_heads, length, head_dim = rows.shape
+    grouped = rows.view(batch, num_components, -1, kv_groups, length, head_dim)
+    equation = "bckgtd,ck->bkgtd" if mixing.dim() == 2 else "bckgtd,ckde->bkgte"
+    return torch.einsum(equation, grouped, mixing).reshape(batch, num_heads, length, head_dim)
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,17 +179,15 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     """Attention over the compressed cache without materialising virtual heads (docs/design.md §2, "absorb").
 
     For query head i of KV group g:  logit_i = sum_c (q_i W_k[c, g]^T) . k_c,  out_i = sum_c (p_i @ v_c) W_v[c, g],
-    with W[c, g] a scalar HLC weight or a (d, d) map (`compose_heads`). Each component is read once, by one matmul
+    with W[c, g] a scalar HLC weight, a (d, d) map or a key band (`compose_heads`, `_fold_queries`). Each component is read once, by one matmul
     with all H*T folded queries as rows, so nothing bigger than the (H*T, S) scores is written. Components are float
     tensors (B, h', S, d), or the int8 cache's `QuantizedStates`, read as stored (docs/decode.md).
     Shapes: query (B, H, T, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
     """
     batch, num_heads, query_len, head_dim = query.shape
     num_components, kv_len = key_components.shape[1:3]
-    group = torch.arange(num_heads, device=query.device) // kv_groups
-    mixing_k = _key_mixing_on_queries(mixing_k) * scaling  # scale folded in
     mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
-    folded = _per_component_rows(query, mixing_k, group).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
+    folded = _fold_queries(query * scaling, mixing_k, kv_groups).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
     scores = _component_scores(folded, key_components).view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
@@ -183,7 +195,7 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
 
     outputs = _component_outputs(probs.view(batch, num_heads * query_len, kv_len), value_components)
-    output = _sum_over_components(outputs.view(batch, num_components, num_heads, query_len, head_dim), mixing_v, group)
+    output = _sum_over_components(outputs.view(batch, num_components, num_heads, query_len, head_dim), mixing_v, kv_groups)
     return output.transpose(1, 2), probs
 
 
@@ -233,10 +245,8 @@ class MEAAttention(nn.Module):
         return hlc if self.config.composition == "scalar" else banded_from_scalar(hlc, which, self.head_dim)
 
     def mixing(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(keys, values) HLC in the form `compose_heads` and `absorbed_attention` take: the (h', h) matrices, or
-        for `composition="banded"` the key bands as (h', h, d, d) maps (`band_maps`) and the value maps."""
-        if self.hlc_k is not None and self.hlc_k.dim() == 4:
-            return band_maps(self.hlc_k), self.hlc_v
+        """(keys, values) HLC as `compose_heads` and `absorbed_attention` take it: the (h', h) matrices, or for
+        `composition="banded"` the key bands (h', h, 2, d/2) and the (h', h, d, d) value maps."""
         return self.hlc_k, self.hlc_v
 
     def _stores_composed(self) -> bool:
@@ -274,16 +284,14 @@ class MEAAttention(nn.Module):
         (1, T, H, d). Decoding sequences read the components as one h'·d-wide KV head (no virtual heads built),
         prefill chunks compose."""
         hlc_k, hlc_v = (weights.to(query.dtype) for weights in mixing)
-        key_rows = _key_mixing_on_queries(hlc_k)
-        group = torch.arange(self.num_heads, device=query.device) // self.num_key_value_groups
         num_components = key_components.shape[1]
 
         def fold_queries(rows):  # (1, H, n, d) -> (1, H, n, h'd)
-            return _per_component_rows(rows, key_rows, group).permute(0, 2, 3, 1, 4).flatten(-2)
+            return _fold_queries(rows, hlc_k, self.num_key_value_groups).permute(0, 2, 3, 1, 4).flatten(-2)
 
         def mix_outputs(wide):  # (1, n, H, h'd) -> (1, n, H, d)
             rows = wide.unflatten(-1, (num_components, self.head_dim)).permute(0, 3, 2, 1, 4)  # (1, h', H, n, d)
-            return _sum_over_components(rows, hlc_v, group).transpose(1, 2)
+            return _sum_over_components(rows, hlc_v, self.num_key_value_groups).transpose(1, 2)
 
         return per_sequence_component_attention(
             query, key_components, value_components, attention_mask, self.scaling, fold_queries, mix_outputs,

@@ -19,6 +19,8 @@ the same unit complex number, so neither Gram depends on it. Everything is float
 
 import torch
 
+from ..modeling_mea import as_maps
+
 FAMILIES = ("scalar", "band", "map")
 
 
@@ -45,7 +47,7 @@ def mixing_maps(attn, which: str) -> torch.Tensor:
     if mixing is None:
         return torch.eye(attn.num_kv_heads, dtype=torch.float64)[..., None, None] * eye
     mixing = mixing.detach().double().cpu()
-    return mixing if mixing.dim() == 4 else mixing[..., None, None] * eye
+    return as_maps(mixing, attn.head_dim) if mixing.dim() == 4 else mixing[..., None, None] * eye
 
 
 def virtual_rows(attn, which: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_mea_config, tiny_model
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from mea_hf.modeling_mea import band_maps, banded_from_scalar, compose_heads
+from mea_hf.modeling_mea import absorbed_attention, band_maps, banded_from_scalar, compose_heads
 
 HEAD_DIM = 16
 
@@ -88,3 +88,25 @@ def test_config_checks_composition():
         tiny_mea_config(composition="banded", head_dim=15)
     with pytest.raises(ValueError, match="needs `hlc_keys=True` and `hlc_values=True`"):
         tiny_mea_config(composition="banded", hlc_values=False)
+
+
+@pytest.mark.parametrize("kv_groups", [1, 3])
+def test_absorbed_attention_folds_key_bands_like_their_maps(kv_groups):
+    """Key bands folded element-wise onto the queries give the attention that their (d x d) maps give."""
+    generator = torch.Generator().manual_seed(3)
+    components, kv_heads = 3, 2
+    query = torch.randn(2, kv_heads * kv_groups, 4, HEAD_DIM, generator=generator)
+    keys, values = (torch.randn(2, components, 9, HEAD_DIM, generator=generator) for _ in range(2))
+    bands = torch.randn(components, kv_heads, 2, HEAD_DIM // 2, generator=generator)
+    value_maps = torch.randn(components, kv_heads, HEAD_DIM, HEAD_DIM, generator=generator)
+    args = (None, HEAD_DIM**-0.5, kv_groups)
+    got, _ = absorbed_attention(query, keys, values, bands, value_maps, *args)
+    want, _ = absorbed_attention(query, keys, values, band_maps(bands), value_maps, *args)
+    torch.testing.assert_close(got, want)
+    # and both equal attention over the composed virtual heads
+    composed_keys, composed_values = compose_heads(keys, bands), compose_heads(values, value_maps)
+    heads = torch.repeat_interleave(torch.arange(kv_heads), kv_groups)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, composed_keys[:, heads], composed_values[:, heads], is_causal=True  # what no mask means
+    )
+    torch.testing.assert_close(got, reference.transpose(1, 2))
