@@ -1,6 +1,6 @@
 """Serving benchmark: Llama vs MEA h'=h/2 and h/4 under continuous batching (`generate_batch`), same KV budget.
 
-Every row gets a paged cache of the same bytes (`--kv-mib`; `num_blocks` is derived from the bytes one token takes in
+Every row gets a paged cache of the same bytes (each of `--kv-mib`, a sweep of budgets; `num_blocks` is derived from the bytes one token takes in
 that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
 all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
 - most sequences held at once: the largest number of requests in one forward of the engine, and the mean over
@@ -17,6 +17,7 @@ of the same run (JSON, PNG, Markdown table). The 1-minute load average before an
 the run is recorded (the rows are timed on a CPU that may be shared).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
+    python benchmarks/bench_serve.py --kv-mib 2 4 8 16 64 --repeats 5   # where MEA's saving stops paying
 """
 
 import argparse
@@ -62,27 +63,45 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-min", type=int, default=16)
     parser.add_argument("--prompt-max", type=int, default=160)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--kv-mib", type=float, default=8.0, help="paged KV cache budget of every row")
+    parser.add_argument("--kv-mib", type=float, nargs="+", default=[8.0],
+                        help="paged KV cache budget(s) of every row; several make a sweep")  # fmt: skip
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times (interleaved)")
     parser.add_argument("--kv-decode", default="auto", choices=["auto", "reconstruct", "absorb"], help="MEA rows")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.kv_mib) <= 0 or args.repeats < 1 or args.requests < 1 or args.new_tokens < 1:
+        parser.error("--kv-mib, --repeats, --requests and --new-tokens must be positive")
+    if not 1 <= args.prompt_min <= args.prompt_max:
+        parser.error(f"need 1 <= --prompt-min <= --prompt-max, got {args.prompt_min} and {args.prompt_max}")
+    return args
 
 
-def build(row: str, args):
+def row_config(row: str, args):
+    """The row's config: Llama, or MEA with h' = h / divisor."""
     dims = dict(
         vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, eos_token_id=None, pad_token_id=0,
     )  # fmt: skip
     divisor = ROWS[row][1]
-    torch.manual_seed(args.seed)
     if divisor is None:
-        return LlamaForCausalLM(LlamaConfig(**dims)).eval()
-    config = MEAConfig(**dims, num_component_heads=args.heads // divisor, kv_decode=args.kv_decode)
-    return MEAForCausalLM(config).eval()
+        return LlamaConfig(**dims)
+    return MEAConfig(**dims, num_component_heads=args.heads // divisor, kv_decode=args.kv_decode)
+
+
+def page_blocks(row: str, args, kv_mib: float) -> tuple[int, int]:
+    """(bytes one token takes in the row's float32 pages, pages of `--page-size` tokens that `kv_mib` buys)."""
+    config = row_config(row, args)
+    per_token = kv_bytes_per_token(config if ROWS[row][1] is None else PagedConfigView(config), dtype=torch.float32)
+    return per_token, int(kv_mib * MIB // (per_token * args.page_size))
+
+
+def build(row: str, args):
+    torch.manual_seed(args.seed)
+    config = row_config(row, args)
+    return (LlamaForCausalLM if ROWS[row][1] is None else MEAForCausalLM)(config).eval()
 
 
 def requests(args) -> list[list[int]]:
@@ -98,14 +117,12 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_row(row: str, args) -> dict:
+def measure_row(row: str, args, kv_mib: float) -> dict:
     torch.set_num_threads(1)
     if row == "llama_per_sequence":  # this subprocess only: Llama's SDPA calls go to MEA's per-sequence kernel
         AttentionInterface.register("sdpa", per_sequence_sdpa)
     model = build(row, args)
-    config = model.config if ROWS[row][1] is None else PagedConfigView(model.config)
-    page_bytes_per_token = kv_bytes_per_token(config, dtype=model.dtype)
-    num_blocks = int(args.kv_mib * MIB // (page_bytes_per_token * args.page_size))
+    page_bytes_per_token, num_blocks = page_blocks(row, args, kv_mib)
     cb_config = ContinuousBatchingConfig(
         num_blocks=num_blocks, page_size=args.page_size, max_batch_tokens=args.max_batch_tokens
     )
@@ -148,8 +165,9 @@ def add_ratios(results: dict, baseline: str) -> None:
             row[f"{key}_ratio"] = row[key] / base[key] if base else None
 
 
-def table(results: dict) -> str:
-    header = ["row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s",
+def table(budgets: dict) -> str:
+    """One Markdown table: every row at every budget, ratios to the baseline at the same budget."""
+    header = ["KV MiB", "row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s",
               "tokens/CPU-s", "peak RSS MiB", "RSS growth MiB"]  # fmt: skip
 
     def cell(row, key, fmt):
@@ -157,26 +175,35 @@ def table(results: dict) -> str:
         return fmt.format(row[key]) + (f" ({ratio:.2f}x)" if ratio is not None else "")
 
     rows = [
-        [r["label"], r["page_bytes_per_token"], cell(r, "cache_tokens", "{}"), cell(r, "most_sequences_held", "{}"),
-         cell(r, "mean_sequences_per_forward", "{:.1f}"), cell(r, "tokens_per_s", "{:.1f}"),
-         cell(r, "tokens_per_cpu_s", "{:.1f}"),
+        [budget, r["label"], r["page_bytes_per_token"], cell(r, "cache_tokens", "{}"),
+         cell(r, "most_sequences_held", "{}"), cell(r, "mean_sequences_per_forward", "{:.1f}"),
+         cell(r, "tokens_per_s", "{:.1f}"), cell(r, "tokens_per_cpu_s", "{:.1f}"),
          cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "rss_growth_mib", "{:.0f}")]
+        for budget, results in budgets.items()
         for r in results.values()
     ]  # fmt: skip
     return markdown_table(header, rows)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(budgets: dict, baseline: str, path: Path) -> None:
+    """Ratios to the baseline against the KV budget: sequences held (most and mean) and generated tokens/s."""
     from mea_hf.utils.plots import plt, save_figure
 
-    keys = [("most_sequences_held", "most sequences held"), ("tokens_per_s", "generated tokens/s"),
-            ("peak_rss_mib", "peak RSS (MiB)")]  # fmt: skip
-    figure, axes = plt.subplots(1, len(keys), figsize=(13, 4))
-    labels = [row["label"] for row in results.values()]
+    keys = [("most_sequences_held", "most sequences held"), ("mean_sequences_per_forward", "mean sequences/forward"),
+            ("tokens_per_s", "generated tokens/s")]  # fmt: skip
+    figure, axes = plt.subplots(1, len(keys), figsize=(14, 4))
+    mibs = [float(budget) for budget in budgets]
     for axis, (key, title) in zip(axes, keys):
-        axis.bar(labels, [row[key] for row in results.values()])
-        axis.set_title(title)
-    figure.suptitle("Continuous batching, same paged KV budget")
+        for row in next(iter(budgets.values())):
+            if row != baseline:
+                label = budgets[next(iter(budgets))][row]["label"]
+                axis.plot(mibs, [results[row][f"{key}_ratio"] for results in budgets.values()], marker="o", label=label)
+        axis.axhline(1.0, color="gray", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("paged KV budget (MiB)")
+        axis.set_title(f"{title} / {budgets[next(iter(budgets))][baseline]['label']}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Continuous batching, same paged KV budget per row")
     save_figure(figure, path)
 
 
@@ -184,28 +211,36 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.row:
-        print(json.dumps(measure_row(args.row, args)))
+        print(json.dumps(measure_row(args.row, args, args.kv_mib[0])))
         return 0
-    results, load_before = {}, os.getloadavg()[0]
-    runs = {row: [] for row in args.rows}
-    for _, row in tqdm([(repeat, row) for repeat in range(args.repeats) for row in args.rows], desc="rows"):
-        command = [sys.executable, __file__, *argv, "--row", row]
+    for mib in args.kv_mib:  # every budget must hold the longest request in every row, checked before any run
+        for row in args.rows:
+            if page_blocks(row, args, mib)[1] * args.page_size < args.prompt_max + args.new_tokens:
+                raise SystemExit(f"--kv-mib {mib:g} holds fewer tokens in {row}'s pages than one request's "
+                                 f"{args.prompt_max + args.new_tokens}; raise it.")  # fmt: skip
+    load_before = os.getloadavg()[0]
+    runs = {(mib, row): [] for mib in args.kv_mib for row in args.rows}
+    order = [(mib, row) for _ in range(args.repeats) for mib in args.kv_mib for row in args.rows]
+    for mib, row in tqdm(order, desc="rows"):
+        command = [sys.executable, __file__, *argv, "--kv-mib", str(mib), "--row", row]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
-            raise RuntimeError(f"row {row} failed:\n{done.stderr[-3000:]}")
-        runs[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    for row, measured in runs.items():
-        results[row] = {**measured[0], "runs": measured}
+            raise RuntimeError(f"row {row} at {mib:g} MiB failed:\n{done.stderr[-3000:]}")
+        runs[mib, row].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    budgets = {}
+    for (mib, row), measured in runs.items():
+        result = budgets.setdefault(f"{mib:g}", {})[row] = {**measured[0], "runs": measured}
         for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):
-            results[row][key] = statistics.median(run[key] for run in measured)
-    add_ratios(results, args.baseline)
+            result[key] = statistics.median(run[key] for run in measured)
+    for results in budgets.values():
+        add_ratios(results, args.baseline)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {"args": vars(args), "load_average_1min": load, "results": results})
-    atomic_write_text(out / "table.md", table(results) + "\n")
-    plot(results, out / "serve.png")
-    print(table(results))
+    atomic_write_json(out / "results.json", {"args": vars(args), "load_average_1min": load, "budgets": budgets})
+    atomic_write_text(out / "table.md", table(budgets) + "\n")
+    plot(budgets, args.baseline, out / "serve.png")
+    print(table(budgets))
     print(f"1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'serve.png'}")
     return 0
