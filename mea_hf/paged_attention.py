@@ -61,6 +61,28 @@ def _mask_block(attention_mask: torch.Tensor | None, q0: int, q1: int, k0: int, 
     return None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
 
 
+def sees_whole_sequence(module: torch.nn.Module | None) -> bool:
+    """Does every decoding row attend to all of its sequence, so that its mask block (all zeros) need not be read?
+    Only when the module's config says so: no `sliding_window` and no "sliding_attention" layer. Unknown modules keep
+    the mask."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return False
+    return getattr(config, "sliding_window", None) is None and "sliding_attention" not in (
+        getattr(config, "layer_types", None) or ()
+    )
+
+
+def _attend_decode_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One decoding row (1, H, 1, d) over its whole sequence (1, h_kv, L, d), no mask: two batched matmuls over the
+    KV heads (the query heads of a group are rows of one product), as MEA's component decode does. (1, 1, H, d)."""
+    kv_heads, head_dim = key.shape[1], query.shape[-1]
+    rows = query[0, :, 0].view(kv_heads, -1, head_dim)  # (h_kv, groups, d)
+    scores = torch.bmm(rows, key[0].transpose(1, 2)).mul_(scaling)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.bmm(probs, value[0]).view(1, 1, -1, value.shape[-1])
+
+
 def per_sequence_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -75,7 +97,8 @@ def per_sequence_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Attention of a packed batch, one SDPA call per sequence: query (1, H, T, d), key/value (1, h_kv, S, d), the
     engine's (1, 1, T, S) additive mask and cumulative lengths. Returns (1, T, H, d) like transformers' kernels.
-    Batches that `attends_per_sequence` leaves packed go to transformers' packed SDPA function instead."""
+    Batches that `attends_per_sequence` leaves packed go to transformers' packed SDPA function instead. Decoding rows of
+    a full-attention module (`sees_whole_sequence`) skip their mask block and SDPA's call (`_attend_decode_row`)."""
     _check_packed(query, cu_seq_lens_q, cu_seq_lens_k)
     if dropout:
         raise ValueError("per_sequence_sdpa is an inference kernel (continuous batching): dropout must be 0.")
@@ -83,6 +106,11 @@ def per_sequence_sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     output = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     decodes, prefills = sequence_blocks(cu_seq_lens_q, cu_seq_lens_k)
+    if sees_whole_sequence(module):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        for q0, _, k0, k1 in decodes:
+            output[:, q0] = _attend_decode_row(query[:, :, q0 : q0 + 1], key[:, :, k0:k1], value[:, :, k0:k1], scale)[:, 0]
+        decodes = []
     for q0, q1, k0, k1 in decodes + prefills:
         output[:, q0:q1] = _attend_chunk(
             query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], _mask_block(attention_mask, q0, q1, k0, k1), scaling

@@ -5,6 +5,8 @@ batch with the block-diagonal mask the engine builds (`build_attention_mask`). B
 query row), prefill chunks over a cached past, a fresh prompt and a sequence with no query rows this step.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import tiny_model
@@ -43,25 +45,45 @@ def packed_max_sequences(request, monkeypatch):
 
 
 class Grouped(torch.nn.Module):
-    """What transformers' SDPA function reads from the attention module."""
+    """What transformers' SDPA function reads from the attention module; with `sliding_window`, also a config that
+    says which attention the layer has (`sees_whole_sequence`)."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, sliding_window="unknown"):
         super().__init__()
         self.num_key_value_groups, self.is_causal = groups, True
+        if sliding_window != "unknown":
+            self.config = SimpleNamespace(sliding_window=sliding_window)
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("sliding_window", [1, 4], ids=["causal", "sliding_window_4"])
 @pytest.mark.parametrize("sequences", [MIXED, DECODES], ids=["mixed", "decodes"])
 def test_per_sequence_sdpa_equals_the_packed_call(num_kv_heads, sliding_window, sequences, packed_max_sequences):
+    """Modules without a config keep every mask block; a config without a sliding window lets decoding rows skip
+    theirs (the causal cases), one with a window keeps them."""
     query, key, value, mask, cu_q, cu_k = packed_batch(4, num_kv_heads, 8, sliding_window, sequences=sequences)
-    module = Grouped(4 // num_kv_heads)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    got, weights = per_sequence_sdpa(
-        module, query, key, value, mask, scaling=0.3, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k
-    )
-    assert weights is None and got.shape == expected.shape == (1, query.shape[2], 4, 8)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    expected, _ = sdpa_attention_forward(Grouped(4 // num_kv_heads), query, key, value, mask, scaling=0.3)
+    for module in Grouped(4 // num_kv_heads), Grouped(4 // num_kv_heads, None if sliding_window == 1 else sliding_window):
+        got, weights = per_sequence_sdpa(
+            module, query, key, value, mask, scaling=0.3, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k
+        )
+        assert weights is None and got.shape == expected.shape == (1, query.shape[2], 4, 8)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_full_attention_decoding_rows_do_not_read_the_mask(monkeypatch):
+    """The skipped mask is really skipped: a module that claims full attention over a sliding-window mask gets the
+    full-attention answer on its decoding rows (wrong for that mask, which is why only the config may claim it)."""
+    monkeypatch.setattr(paged_attention, "PACKED_MAX_SEQUENCES", 0)
+    query, key, value, window_mask, cu_q, cu_k = packed_batch(4, 2, 8, sliding_window=4)
+    causal_mask = packed_batch(4, 2, 8)[3]
+    lengths = {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k}
+    claims_full = per_sequence_sdpa(Grouped(2, None), query, key, value, window_mask, scaling=0.3, **lengths)[0]
+    windowed = per_sequence_sdpa(Grouped(2, 4), query, key, value, window_mask, scaling=0.3, **lengths)[0]
+    full = per_sequence_sdpa(Grouped(2), query, key, value, causal_mask, scaling=0.3, **lengths)[0]
+    decode_rows = [0, 6, 16]  # the decoding rows of MIXED: (1, 7) and (1, 20) see more than the window; (1, 3) not
+    torch.testing.assert_close(claims_full[:, decode_rows], full[:, decode_rows])
+    assert not torch.allclose(claims_full[:, decode_rows[:2]], windowed[:, decode_rows[:2]], atol=1e-4)
 
 
 def test_which_batches_attend_per_sequence():
