@@ -8,8 +8,9 @@ all submitted at once, admitted by the scheduler as pages free up). Per row, in 
 - generated tokens/s over the whole stream (wall clock, including prefills), and generated tokens per CPU-second of
   the process (steadier than wall clock when other jobs share the CPU);
 - peak resident memory (Linux VmHWM) and its growth over the resident size once the model is built.
-With `--repeats N` the rows are measured N times, interleaved (row by row, then again), and the speed columns
-are the medians (every measurement is kept in the JSON); the capacity columns do not change between repeats.
+With `--repeats N` the rows are measured N times, interleaved (row by row, then again): the speed columns are the
+medians, their ratios the medians of the per-repeat ratios (every measurement is kept in the JSON); the capacity
+columns do not change between repeats.
 Two Llama rows: transformers' stock SDPA paged path (all sequences of a forward packed into one block-diagonal
 attention) and the same model with MEA's per-sequence kernel (`mea_hf.paged_attention.per_sequence_sdpa`, which the
 MEA rows use); ratios are to `--baseline` (default the latter: the same kernel, so the ratio is the architecture's)
@@ -157,12 +158,19 @@ def measure_row(row: str, args, kv_mib: float) -> dict:
     }
 
 
+SPEED_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib")
+
+
 def add_ratios(results: dict, baseline: str) -> None:
+    """Each row's ratios to the baseline row. Capacity columns are deterministic; a speed column's ratio is the median
+    of the per-repeat ratios (each repeat measures the rows back to back, so a slow spell of the machine hits both)."""
     base = results.get(baseline)
     for row in results.values():
-        for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward", "tokens_per_s",
-                    "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):  # fmt: skip
+        for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward"):
             row[f"{key}_ratio"] = row[key] / base[key] if base else None
+        for key in SPEED_KEYS:
+            paired = zip(row["runs"], base["runs"], strict=True) if base else ()
+            row[f"{key}_ratio"] = statistics.median(run[key] / ref[key] for run, ref in paired) if base else None
 
 
 def table(budgets: dict) -> str:
@@ -230,7 +238,7 @@ def main(argv=None) -> int:
     budgets = {}
     for (mib, row), measured in runs.items():
         result = budgets.setdefault(f"{mib:g}", {})[row] = {**measured[0], "runs": measured}
-        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib"):
+        for key in SPEED_KEYS:
             result[key] = statistics.median(run[key] for run in measured)
     for results in budgets.values():
         add_ratios(results, args.baseline)
