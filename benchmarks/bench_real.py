@@ -16,6 +16,8 @@ Steps (each a real `mea_hf` call):
 
     OMP_NUM_THREADS=2 python benchmarks/bench_real.py --out runs/bench_real                 # full run (hours on CPU)
     python benchmarks/bench_real.py --out runs/bench_real_short --short                      # a quick check
+    python benchmarks/bench_real.py --model runs/bench_real/converted --out runs/bench_real_stride2 --methods calib \
+        --compositions banded --calib-query-stride 2 --calib-steps 30 --sensitivity-blocks 0 --distill-tokens 0
 """
 
 import argparse
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_STEPS
+from mea_hf.compress import CALIB_QUERY_STRIDE, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -50,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=16)
     parser.add_argument("--calib-steps", type=int, default=CALIB_STEPS)
+    parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
+                        help="calib compares outputs at every N-th position")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
+    parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--sensitivity-blocks", type=int, default=8, help="calibration-split blocks; 0 skips it")
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
@@ -62,6 +68,8 @@ def parse_args(argv=None):
     args.distill_kv_heads = head_counts(parser, "--distill-kv-heads", args.distill_kv_heads) or args.kv_heads
     if not set(args.distill_kv_heads) <= set(args.kv_heads):
         parser.error(f"--distill-kv-heads {args.distill_kv_heads} must be among --kv-heads {args.kv_heads}.")
+    if args.distill_tokens and not ("calib" in args.methods and "banded" in args.compositions):
+        parser.error("the distillation recovers the banded calib model: keep 'calib' and 'banded' or --distill-tokens 0.")
     if args.short:
         args.block_size, args.calib_blocks, args.calib_steps, args.eval_blocks = 64, 4, 2, 4
         args.sensitivity_blocks, args.distill_tokens, args.new_tokens = 0, 512, 8
@@ -184,13 +192,14 @@ def main(argv=None) -> int:
         record("original", reference)
     record("converted", model)
     for heads in args.kv_heads:
-        for composition in ("scalar", "banded"):
-            for method in ("svd", "calib"):
+        for composition in args.compositions:
+            for method in args.methods:
                 started = time.perf_counter()
                 label = method if composition == "scalar" else f"{method} banded"
                 _, compressed = pipeline.compress(
                     converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks,
                     calib_steps=args.calib_steps, composition=composition, progress=True,
+                    calib_query_stride=args.calib_query_stride,
                 )  # fmt: skip
                 record(f"{label} 3->{heads}", compressed, time.perf_counter() - started)
         if args.sensitivity_blocks:
@@ -199,7 +208,7 @@ def main(argv=None) -> int:
             layers = suggest_layers(report, (1 + heads / 3) / 2)
             _, compressed = pipeline.compress(converted_folder, out / f"calib-banded-{heads}-budget", heads, "calib",
                                               calib_blocks, layers=layers, calib_steps=args.calib_steps,
-                                              composition="banded")  # fmt: skip
+                                              composition="banded", calib_query_stride=args.calib_query_stride)  # fmt: skip
             record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
         if args.distill_tokens and heads in args.distill_kv_heads:
             started = time.perf_counter()

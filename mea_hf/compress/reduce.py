@@ -57,7 +57,7 @@ CALIB_STEPS = 50
 # The fitted attention output is compared at every 4th position (ending at the last); keys and values still cover every
 # position. Each refinement step then does a quarter of the attention and o_proj work. Measured on SmolLM2-135M, banded
 # 3 -> 2 heads (before q/o were refined): +4.24% bits/byte against +3.71% when every position is compared
-# (docs/design.md §4).
+# (docs/design.md §4); with q/o refined, every 2nd position and 30 steps gave +3.58% (README, real checkpoint).
 CALIB_QUERY_STRIDE = 4
 CALIB_LR = 0.06  # Adam step size, as a fraction of each refined tensor's RMS
 CALIB_PATIENCE, CALIB_TOL = 10, 0.005  # stop refining when 10 steps improve the error by less than 0.5%
@@ -306,17 +306,17 @@ def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     return blocks.long()
 
 
-def _fitting_rows(length: int, device) -> torch.Tensor:
-    """The positions whose attention output calib fits: every `CALIB_QUERY_STRIDE`-th, ending at the last."""
-    return torch.arange(length - 1, -1, -CALIB_QUERY_STRIDE, device=device).flip(0)
+def _fitting_rows(length: int, device, stride: int = CALIB_QUERY_STRIDE) -> torch.Tensor:
+    """The positions whose attention output calib fits: every `stride`-th, ending at the last."""
+    return torch.arange(length - 1, -1, -stride, device=device).flip(0)
 
 
-def _fitting_inputs(attn, normed: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
+def _fitting_inputs(attn, normed: torch.Tensor, extras: dict, stride: int = CALIB_QUERY_STRIDE) -> tuple[torch.Tensor, dict]:
     """(normed, extras) for fitting one layer: keys and values cover every position; queries only every
-    `CALIB_QUERY_STRIDE`-th (`extras["query_inputs"]`: those rows of the normed input and of the RoPE tables), with
+    `stride`-th (`extras["query_inputs"]`: those rows of the normed input and of the RoPE tables), with
     those rows of the causal mask (spelled out where SDPA would have used its implicit one)."""
     length = normed.shape[1]
-    rows = _fitting_rows(length, normed.device)
+    rows = _fitting_rows(length, normed.device, stride)
     cos, sin = extras["position_embeddings"]
     mask = extras["attention_mask"]
     if mask is None:
@@ -414,18 +414,19 @@ def _refine(attn, inputs, targets, steps: int) -> list[float]:
     return bests
 
 
-def _calibrate_layer(layer, heads: int, batches, originals, steps: int) -> tuple[float, float]:
+def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: int) -> tuple[float, float]:
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
     PCA, then refinement. The target is what the original model's residual stream holds after this attention
     sub-layer, minus the current residual: the original layer's output on the original model's hidden states
     (`originals`) plus the drift the compressed layers before it caused, which this layer then corrects where it can.
     Returns the attention-output mean squared error against that target at the start and at the end."""
     attn = layer.self_attn
-    inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras) for hidden, extras in batches]
+    inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras, stride) for hidden, extras in batches]
     targets = []
     for (hidden, extras), uncompressed in zip(batches, originals, strict=True):
-        rows = _fitting_rows(hidden.shape[1], hidden.device)
-        uncompressed_output = _attention_output(attn, *_fitting_inputs(attn, layer.input_layernorm(uncompressed), extras))
+        rows = _fitting_rows(hidden.shape[1], hidden.device, stride)
+        normed = layer.input_layernorm(uncompressed)
+        uncompressed_output = _attention_output(attn, *_fitting_inputs(attn, normed, extras, stride))
         targets.append(uncompressed[:, rows] + uncompressed_output - hidden[:, rows])
     stats = _LayerStats(attn)
     for normed, _ in inputs:
@@ -453,7 +454,7 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int) -> tuple
     return errors[0] / size, errors[-1] / size
 
 
-def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int, progress: bool) -> None:
+def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int, stride: int, progress: bool) -> None:
     """Layer by layer, on the hidden states produced by the already-compressed earlier layers, next to those of the
     original model (the targets, `_calibrate_layer`); a progress bar shows each compressed layer's attention-output
     MSE after refinement and at its start."""
@@ -466,7 +467,7 @@ def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps:
     for index, layer in enumerate(layers):
         next_originals = [layer(hidden, **extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
-            start, end = _calibrate_layer(layer, targets[index], batches, originals, steps)
+            start, end = _calibrate_layer(layer, targets[index], batches, originals, steps, stride)
             _set_heads(model, index, targets[index])
             bar.set_postfix(layer=index, mse=f"{end:.3g}", start=f"{start:.3g}", ratio=f"{end / start:.2f}")
         batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
@@ -485,14 +486,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 @torch.no_grad()
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
-    progress: bool = False, composition: str | None = None,
+    progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer, stopping early when it stalls; `progress` shows a per-layer bar with the error). `composition="banded"`
+    layer, stopping early when it stalls, comparing outputs at every `calib_query_stride`-th position; `progress`
+    shows a per-layer bar with the error). `composition="banded"`
     first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
     d x d value maps. Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
@@ -508,6 +510,8 @@ def reduce_kv_heads(
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
         if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 0:
             raise ValueError(f"calib_steps must be a non-negative integer, got {calib_steps!r}.")
+        if isinstance(calib_query_stride, bool) or not isinstance(calib_query_stride, int) or calib_query_stride < 1:
+            raise ValueError(f"calib_query_stride must be a positive integer, got {calib_query_stride!r}.")
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
     check_composition(model.config, composition)
@@ -520,12 +524,13 @@ def reduce_kv_heads(
             _compress_layer_svd(model.model.layers[index].self_attn, heads)
             _set_heads(model, index, heads)
     else:
-        _compress_calib(model, targets, calib_blocks, calib_steps, progress)
+        _compress_calib(model, targets, calib_blocks, calib_steps, calib_query_stride, progress)
     model.train(was_training)
     return model
 
 
 __all__ = [
+    "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "METHODS",
     "attention_output_error",

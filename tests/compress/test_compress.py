@@ -166,6 +166,8 @@ def test_bad_arguments_raise_before_any_change():
         reduce_kv_heads(model, 2, method="pca")
     with pytest.raises(ValueError, match="calib_steps"):
         reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_steps=-1)
+    with pytest.raises(ValueError, match="calib_query_stride"):
+        reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_query_stride=0)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
@@ -378,9 +380,10 @@ def test_cli_sensitivity_bad_input_gives_a_clear_error_and_writes_nothing(mea_fo
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_fitting_rows_give_the_layer_output_at_those_positions(attn_implementation):
-    """calib compares outputs at every CALIB_QUERY_STRIDE-th position only: those equal the full layer's outputs."""
-    from mea_hf.compress.reduce import CALIB_QUERY_STRIDE, _attention_output, _fitting_inputs
+@pytest.mark.parametrize("stride, fitted_rows", [(4, 6), (2, 12), (1, 23)])
+def test_fitting_rows_give_the_layer_output_at_those_positions(attn_implementation, stride, fitted_rows):
+    """calib compares outputs at every `stride`-th position only: those equal the full layer's outputs."""
+    from mea_hf.compress.reduce import _attention_output, _fitting_inputs
 
     model = make_model(num_component_heads=2, attn_implementation=attn_implementation)
     blocks = random_blocks(length=23)
@@ -388,7 +391,7 @@ def test_fitting_rows_give_the_layer_output_at_those_positions(attn_implementati
     attn = model.model.layers[1].self_attn
     with torch.no_grad():
         full = attn(normed, **extras)[0]
-        fitted = _attention_output(attn, *_fitting_inputs(attn, normed, extras))
-    rows = list(range(22, -1, -CALIB_QUERY_STRIDE))[::-1]
-    assert fitted.shape[1] == len(rows) == 6
+        fitted = _attention_output(attn, *_fitting_inputs(attn, normed, extras, stride))
+    rows = list(range(22, -1, -stride))[::-1]
+    assert fitted.shape[1] == len(rows) == fitted_rows
     torch.testing.assert_close(fitted, full[:, rows], atol=1e-5, rtol=0)
