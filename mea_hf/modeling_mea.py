@@ -99,7 +99,8 @@ def compose_heads(components: torch.Tensor, mixing: torch.Tensor | None) -> torc
     batch, num_components, seq_len, head_dim = components.shape
     num_heads = mixing.shape[1]
     if mixing.dim() == 4:  # one (seq, h'd) @ (h'd, hd) product against the block matrix of all maps
-        blocks = as_maps(mixing, head_dim).to(components.dtype).permute(0, 2, 1, 3).reshape(num_components * head_dim, -1)
+        maps = as_maps(mixing, head_dim).to(components.dtype)
+        blocks = maps.permute(0, 2, 1, 3).reshape(num_components * head_dim, -1)
         mixed = components.transpose(1, 2).reshape(batch, seq_len, -1) @ blocks
         return mixed.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)
     # One (h x h') @ (h' x seq*d) product per sequence, written straight into the output layout (no copies).
@@ -179,15 +180,17 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     """Attention over the compressed cache without materialising virtual heads (docs/design.md §2, "absorb").
 
     For query head i of KV group g:  logit_i = sum_c (q_i W_k[c, g]^T) . k_c,  out_i = sum_c (p_i @ v_c) W_v[c, g],
-    with W[c, g] a scalar HLC weight, a (d, d) map or a key band (`compose_heads`, `_fold_queries`). Each component is read once, by one matmul
-    with all H*T folded queries as rows, so nothing bigger than the (H*T, S) scores is written. Components are float
-    tensors (B, h', S, d), or the int8 cache's `QuantizedStates`, read as stored (docs/decode.md).
+    with W[c, g] a scalar HLC weight, a (d, d) map or a key band (`compose_heads`, `_fold_queries`). Each component is
+    read once, by one matmul with all H*T folded queries as rows, so nothing bigger than the (H*T, S) scores is
+    written. Components are float tensors (B, h', S, d), or the int8 cache's `QuantizedStates`, read as stored
+    (docs/decode.md).
     Shapes: query (B, H, T, d); returns (B, T, H, d) and the (B, H, T, S) probabilities.
     """
     batch, num_heads, query_len, head_dim = query.shape
     num_components, kv_len = key_components.shape[1:3]
     mixing_k, mixing_v = mixing_k.to(query.dtype), mixing_v.to(query.dtype)
-    folded = _fold_queries(query * scaling, mixing_k, kv_groups).reshape(batch, num_components, -1, head_dim)  # (B,h',HT,d)
+    folded = _fold_queries(query * scaling, mixing_k, kv_groups)
+    folded = folded.reshape(batch, num_components, -1, head_dim)  # (B, h', H*T, d)
     scores = _component_scores(folded, key_components).view(batch, num_heads, query_len, kv_len).float()
     additive = _additive_mask(mask, query_len, kv_len, scores.dtype, query.device)
     if additive is not None:
@@ -195,7 +198,8 @@ def absorbed_attention(query, key_components, value_components, mixing_k, mixing
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
 
     outputs = _component_outputs(probs.view(batch, num_heads * query_len, kv_len), value_components)
-    output = _sum_over_components(outputs.view(batch, num_components, num_heads, query_len, head_dim), mixing_v, kv_groups)
+    outputs = outputs.view(batch, num_components, num_heads, query_len, head_dim)
+    output = _sum_over_components(outputs, mixing_v, kv_groups)
     return output.transpose(1, 2), probs
 
 

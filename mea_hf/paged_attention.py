@@ -109,7 +109,8 @@ def per_sequence_sdpa(
     if sees_whole_sequence(module):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         for q0, _, k0, k1 in decodes:
-            output[:, q0] = _attend_decode_row(query[:, :, q0 : q0 + 1], key[:, :, k0:k1], value[:, :, k0:k1], scale)[:, 0]
+            row = _attend_decode_row(query[:, :, q0 : q0 + 1], key[:, :, k0:k1], value[:, :, k0:k1], scale)
+            output[:, q0] = row[:, 0]
         decodes = []
     for q0, q1, k0, k1 in decodes + prefills:
         output[:, q0:q1] = _attend_chunk(

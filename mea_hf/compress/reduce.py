@@ -311,7 +311,9 @@ def _fitting_rows(length: int, device, stride: int = CALIB_QUERY_STRIDE) -> torc
     return torch.arange(length - 1, -1, -stride, device=device).flip(0)
 
 
-def _fitting_inputs(attn, normed: torch.Tensor, extras: dict, stride: int = CALIB_QUERY_STRIDE) -> tuple[torch.Tensor, dict]:
+def _fitting_inputs(
+    attn, normed: torch.Tensor, extras: dict, stride: int = CALIB_QUERY_STRIDE
+) -> tuple[torch.Tensor, dict]:
     """(normed, extras) for fitting one layer: keys and values cover every position; queries only every
     `stride`-th (`extras["query_inputs"]`: those rows of the normed input and of the RoPE tables), with
     those rows of the causal mask (spelled out where SDPA would have used its implicit one)."""
@@ -454,7 +456,9 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: 
     return errors[0] / size, errors[-1] / size
 
 
-def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, steps: int, stride: int, progress: bool) -> None:
+def _compress_calib(
+    model, targets: dict[int, int], blocks: torch.Tensor, steps: int, stride: int, progress: bool
+) -> None:
     """Layer by layer, on the hidden states produced by the already-compressed earlier layers, next to those of the
     original model (the targets, `_calibrate_layer`); a progress bar shows each compressed layer's attention-output
     MSE after refinement and at its start."""
