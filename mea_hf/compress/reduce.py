@@ -17,13 +17,14 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      produces (top eigenvectors of their Gram matrix in the family's row space), and for banded layers the same PCA
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
-  2. Refine: up to `calib_steps` full-batch Adam steps on the new k/v projections and HLC and on the layer's q/o
-     projections (which adapt to the compressed keys and values), minimising the squared
-     error of the attention sub-layer output (after softmax, head norm and o_proj) against the original model's
-     residual stream after that sub-layer minus the current one (so a layer also corrects the drift of the
-     compressed layers before it), at every `CALIB_QUERY_STRIDE`-th position; a worse step is undone and the step
-     sizes halved; stopping once 10 steps gain less than 0.5%; the best step is kept, so calib is never worse than
-     its start on this objective.
+  2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q/o projections
+     (which adapt to the compressed keys and values), minimising the squared error of the attention sub-layer
+     output (after softmax, head norm and o_proj) against the original model's residual stream after that
+     sub-layer minus the current one (so a layer also corrects the drift of the compressed layers before it).
+     Each step compares every `CALIB_QUERY_STRIDE`-th position, from an offset that moves by one each step, so the
+     steps together fit every position at a fraction of the cost; the step sizes decay to zero on a cosine. The
+     result is kept only if its error over all positions is below the start's, so calib is never worse than its
+     start on this objective.
   Layers are processed in order, each on the hidden states of the already-compressed layers before it (and of the
   original model, for the targets), so only one layer's activations are held (7B-size models fit in modest memory;
   the refinement wants a GPU there).
@@ -40,6 +41,8 @@ Exact and approximate:
   then works on the true (normalised) model. Layers left at h' = h are not touched, so they stay exact.
 """
 
+import math
+
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
@@ -50,17 +53,19 @@ from . import factors
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
-# Every SmolLM2-135M layer runs all of them (the error still falls), and the refinement is ~90% of calib's time: 50
-# keeps banded calib of its 30 layers under 3 minutes on 2 cores (141-171 s, against 175-187 s for 60 steps) for little
-# quality (bits/byte, banded 3 -> 2: +4.08% against +4.07%; 3 -> 1: +22.5% against +22.2%).
-CALIB_STEPS = 50
-# The fitted attention output is compared at every 4th position (ending at the last); keys and values still cover every
-# position. Each refinement step then does a quarter of the attention and o_proj work. Measured on SmolLM2-135M, banded
-# 3 -> 2 heads (before q/o were refined): +4.24% bits/byte against +3.71% when every position is compared
-# (docs/design.md §4); with q/o refined, every 2nd position and 30 steps gave +3.58% (README, real checkpoint).
+# Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of SmolLM2-135M's
+# 30 layers under 3 minutes on 2 cores (3 -> 2: 171 s, against 185 s for the earlier 50 steps with early stopping,
+# on the same idle machine; +3.57% bits/byte against +4.08%).
+CALIB_STEPS = 45
+# Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
+# position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
+# rows were still fixed (before q/o were refined): +4.24% bits/byte against +3.71% comparing every position
+# (docs/design.md §4).
 CALIB_QUERY_STRIDE = 4
-CALIB_LR = 0.06  # Adam step size, as a fraction of each refined tensor's RMS
-CALIB_PATIENCE, CALIB_TOL = 10, 0.005  # stop refining when 10 steps improve the error by less than 0.5%
+# Adam's first step size, as a fraction of each refined tensor's RMS, decayed to 0 on a cosine. With the compared rows
+# moving every step (above), SmolLM2-135M banded, 50 steps: +3.47% bits/byte at 3 -> 2 and +20.4% at 3 -> 1, against
+# +4.08% and +22.5% for a fixed set of rows with the step sizes (0.06) halved after each worse step.
+CALIB_LR = 0.018
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -306,19 +311,19 @@ def _check_blocks(blocks, vocab_size: int) -> torch.Tensor:
     return blocks.long()
 
 
-def _fitting_rows(length: int, device, stride: int = CALIB_QUERY_STRIDE) -> torch.Tensor:
-    """The positions whose attention output calib fits: every `stride`-th, ending at the last."""
-    return torch.arange(length - 1, -1, -stride, device=device).flip(0)
+def _fitting_rows(length: int, device, stride: int = CALIB_QUERY_STRIDE, offset: int = 0) -> torch.Tensor:
+    """The positions whose attention output calib fits: every `stride`-th, ending `offset` before the last."""
+    return torch.arange(length - 1 - offset, -1, -stride, device=device).flip(0)
 
 
 def _fitting_inputs(
-    attn, normed: torch.Tensor, extras: dict, stride: int = CALIB_QUERY_STRIDE
+    attn, normed: torch.Tensor, extras: dict, stride: int = CALIB_QUERY_STRIDE, offset: int = 0
 ) -> tuple[torch.Tensor, dict]:
-    """(normed, extras) for fitting one layer: keys and values cover every position; queries only every
-    `stride`-th (`extras["query_inputs"]`: those rows of the normed input and of the RoPE tables), with
+    """(normed, extras) for fitting one layer: keys and values cover every position; queries only the rows of
+    `_fitting_rows` (`extras["query_inputs"]`: those rows of the normed input and of the RoPE tables), with
     those rows of the causal mask (spelled out where SDPA would have used its implicit one)."""
     length = normed.shape[1]
-    rows = _fitting_rows(length, normed.device, stride)
+    rows = _fitting_rows(length, normed.device, stride, offset)
     cos, sin = extras["position_embeddings"]
     mask = extras["attention_mask"]
     if mask is None:
@@ -372,64 +377,67 @@ def _load(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             tensor.copy_(value)
 
 
-def _refine(attn, inputs, targets, steps: int) -> list[float]:
-    """Adam on `_refined_tensors` against the original attention output; keeps the best step and
-    stops early once `CALIB_PATIENCE` steps improve the best error by less than `CALIB_TOL` of it. A step that makes
-    the error worse is undone and the step sizes halved (a good start, e.g. banded PCA, sits where the initial step
-    sizes overshoot).
-    Returns the best error (sum of squares) after each pass: before refinement first, the kept one last."""
+def _fitting_sets(layer, batches, originals, stride: int) -> list[tuple[list, list]]:
+    """One (inputs, targets) pair per row offset (0 .. stride-1; together every position), for `attention_output_error`.
+    The target is what the original model's residual stream holds after this attention sub-layer, minus the current
+    residual: the original layer's output on the original model's hidden states (`originals`) plus the drift the
+    compressed layers before it caused, which this layer then corrects where it can."""
+    attn, sets = layer.self_attn, []
+    for offset in range(min(stride, batches[0][0].shape[1])):
+        inputs, targets = [], []
+        for (hidden, extras), uncompressed in zip(batches, originals, strict=True):
+            rows = _fitting_rows(hidden.shape[1], hidden.device, stride, offset)
+            inputs.append(_fitting_inputs(attn, layer.input_layernorm(hidden), extras, stride, offset))
+            original = _fitting_inputs(attn, layer.input_layernorm(uncompressed), extras, stride, offset)
+            targets.append(uncompressed[:, rows] + _attention_output(attn, *original) - hidden[:, rows])
+        sets.append((inputs, targets))
+    return sets
+
+
+def _set_error(attn, sets) -> float:
+    return sum(attention_output_error(attn, inputs, targets) for inputs, targets in sets)
+
+
+def _refine(attn, sets, steps: int, start_error: float) -> float:
+    """`steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
+    `sets[t % len(sets)]`, step sizes decayed from `CALIB_LR` (times `_step_scale`) to 0 on a cosine. The result is
+    kept if its error over all sets is below `start_error` (the start's), else the start is restored.
+    Returns the error (sum of squares over all sets) of what is kept."""
     tensors = _refined_tensors(attn)
+    start = [t.detach().clone() for t in tensors]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
     value_maps = attn.hlc_v.dim() == 4
-    groups = [{"params": [t], "lr": CALIB_LR * _step_scale(t, value_maps and t is attn.hlc_v)} for t in tensors]
+    peaks = [CALIB_LR * _step_scale(t, value_maps and t is attn.hlc_v) for t in tensors]
+    groups = [{"params": [t], "lr": peak} for t, peak in zip(tensors, peaks, strict=True)]
     optimizer = torch.optim.Adam(groups, fused=tensors[0].device.type in ("cpu", "cuda"))
-    best_error, best, bests = float("inf"), None, []
     with torch.enable_grad():
-        for step in range(steps + 1):  # the last pass only measures the last update
+        for step in range(steps):
+            for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / steps))
             optimizer.zero_grad()
-            error = 0.0
+            inputs, targets = sets[step % len(sets)]
             for (normed, extras), target in zip(inputs, targets, strict=True):
-                batch_error = (_attention_output(attn, normed, extras).float() - target.float()).pow(2).sum()
-                batch_error.backward()
-                error += batch_error.item()
-            worse = error > best_error
-            if error < best_error:
-                best_error, best = error, [t.detach().clone() for t in tensors]
-            bests.append(best_error)
-            if worse:  # back to the best point with half the step sizes and fresh Adam moments
-                _load(tensors, best)
-                for group in optimizer.param_groups:
-                    group["lr"] /= 2
-                optimizer.state.clear()
-                continue
-            if len(bests) > CALIB_PATIENCE and best_error > (1 - CALIB_TOL) * bests[-1 - CALIB_PATIENCE]:
-                break
-            if step < steps:
-                optimizer.step()
-    _load(tensors, best)
+                (_attention_output(attn, normed, extras).float() - target.float()).pow(2).sum().backward()
+            optimizer.step()
     for tensor in tensors:
         tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    return bests
+    error = _set_error(attn, sets)
+    if error >= start_error:
+        _load(tensors, start)
+    return min(error, start_error)
 
 
 def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: int) -> tuple[float, float]:
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
-    PCA, then refinement. The target is what the original model's residual stream holds after this attention
-    sub-layer, minus the current residual: the original layer's output on the original model's hidden states
-    (`originals`) plus the drift the compressed layers before it caused, which this layer then corrects where it can.
-    Returns the attention-output mean squared error against that target at the start and at the end."""
+    PCA (judged on the first set's rows), then refinement, against the targets of `_fitting_sets`. Returns the
+    attention-output mean squared error over all positions at the start and at the end."""
     attn = layer.self_attn
-    inputs = [_fitting_inputs(attn, layer.input_layernorm(hidden), extras, stride) for hidden, extras in batches]
-    targets = []
-    for (hidden, extras), uncompressed in zip(batches, originals, strict=True):
-        rows = _fitting_rows(hidden.shape[1], hidden.device, stride)
-        normed = layer.input_layernorm(uncompressed)
-        uncompressed_output = _attention_output(attn, *_fitting_inputs(attn, normed, extras, stride))
-        targets.append(uncompressed[:, rows] + uncompressed_output - hidden[:, rows])
+    sets = _fitting_sets(layer, batches, originals, stride)
+    inputs = sets[0][0]  # every set holds the keys and values of all positions
     stats = _LayerStats(attn)
     for normed, _ in inputs:
         stats.add(normed)
@@ -444,16 +452,15 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: 
         for name, module in original.items():
             setattr(attn, name, module)
         start()
-        error = attention_output_error(attn, inputs, targets)
+        error = attention_output_error(attn, *sets[0])
         if error < best_error:
             best, best_error = {name: getattr(attn, name) for name in names}, error
     for name, module in best.items():
         setattr(attn, name, module)
-    size = sum(target.numel() for target in targets)
-    if steps == 0:
-        return best_error / size, best_error / size
-    errors = _refine(attn, inputs, targets, steps)
-    return errors[0] / size, errors[-1] / size
+    size = sum(target.numel() for _, targets in sets for target in targets)
+    start_error = _set_error(attn, sets) if len(sets) > 1 else best_error
+    end_error = _refine(attn, sets, steps, start_error) if steps else start_error
+    return start_error / size, end_error / size
 
 
 def _compress_calib(
@@ -497,8 +504,8 @@ def reduce_kv_heads(
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer, stopping early when it stalls, comparing outputs at every `calib_query_stride`-th position; `progress`
-    shows a per-layer bar with the error). `composition="banded"`
+    layer, each comparing outputs at every `calib_query_stride`-th position; `progress` shows a per-layer bar with
+    the error). `composition="banded"`
     first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
     d x d value maps. Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).

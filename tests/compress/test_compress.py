@@ -112,6 +112,19 @@ def test_calib_beats_svd_on_the_calibration_objective(heads):
     assert 0 < calib_error < start_error <= svd_error * (1 + 1e-9)
 
 
+def test_calib_keeps_its_start_when_the_refinement_makes_it_worse(monkeypatch):
+    """A refinement that ends above the start's error over all positions is undone: the start is returned as it was."""
+    from mea_hf.compress import reduce
+
+    model = make_model()
+    blocks = random_blocks()
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
+    monkeypatch.setattr(reduce, "CALIB_LR", 1e3)  # steps this large overshoot every time
+    diverged = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5)
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(diverged.state_dict()[name], tensor), name
+
+
 def test_calib_all_layers_runs_layer_by_layer_and_is_exact_at_full_rank():
     model = make_model()
     blocks = random_blocks()
@@ -395,3 +408,12 @@ def test_fitting_rows_give_the_layer_output_at_those_positions(attn_implementati
     rows = list(range(22, -1, -stride))[::-1]
     assert fitted.shape[1] == len(rows) == fitted_rows
     torch.testing.assert_close(fitted, full[:, rows], atol=1e-5, rtol=0)
+    # calib's steps move the compared rows by one each time, so the offsets 0 .. stride-1 cover every position once
+    covered = []
+    for offset in range(stride):
+        with torch.no_grad():
+            shifted = _attention_output(attn, *_fitting_inputs(attn, normed, extras, stride, offset))
+        rows = list(range(22 - offset, -1, -stride))[::-1]
+        torch.testing.assert_close(shifted, full[:, rows], atol=1e-5, rtol=0)
+        covered += rows
+    assert sorted(covered) == list(range(23))
