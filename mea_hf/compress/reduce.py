@@ -53,9 +53,9 @@ from . import factors
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
-# Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of SmolLM2-135M's
-# 30 layers under 3 minutes on 2 cores (3 -> 2: 171 s, against 185 s for the earlier 50 steps with early stopping,
-# on the same idle machine; +3.57% bits/byte against +4.08%).
+# Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of the 30 layers
+# of SmolLM2-135M under 3 minutes on 2 cores (3 -> 2: 171 s, against 185 s for the earlier 50 steps with early
+# stopping, on the same idle machine; +3.57% bits/byte against +4.08%).
 CALIB_STEPS = 45
 # Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
 # position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
