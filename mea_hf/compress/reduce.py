@@ -383,18 +383,21 @@ def _fitting_sets(layer, batches, originals, stride: int) -> list[tuple[list, li
     residual: the original layer's output on the original model's hidden states (`originals`) plus the drift the
     compressed layers before it caused, which this layer then corrects where it can."""
     attn, sets = layer.self_attn, []
+    normed = [(layer.input_layernorm(hidden), layer.input_layernorm(uncompressed))
+              for (hidden, _), uncompressed in zip(batches, originals, strict=True)]  # fmt: skip
     for offset in range(min(stride, batches[0][0].shape[1])):
         inputs, targets = [], []
-        for (hidden, extras), uncompressed in zip(batches, originals, strict=True):
+        for (hidden, extras), uncompressed, (current, original) in zip(batches, originals, normed, strict=True):
             rows = _fitting_rows(hidden.shape[1], hidden.device, stride, offset)
-            inputs.append(_fitting_inputs(attn, layer.input_layernorm(hidden), extras, stride, offset))
-            original = _fitting_inputs(attn, layer.input_layernorm(uncompressed), extras, stride, offset)
-            targets.append(uncompressed[:, rows] + _attention_output(attn, *original) - hidden[:, rows])
+            inputs.append(_fitting_inputs(attn, current, extras, stride, offset))
+            original_output = _attention_output(attn, *_fitting_inputs(attn, original, extras, stride, offset))
+            targets.append(uncompressed[:, rows] + original_output - hidden[:, rows])
         sets.append((inputs, targets))
     return sets
 
 
 def _set_error(attn, sets) -> float:
+    """`attention_output_error` summed over the sets of `_fitting_sets`, i.e. over every position."""
     return sum(attention_output_error(attn, inputs, targets) for inputs, targets in sets)
 
 
@@ -437,7 +440,7 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: 
     attention-output mean squared error over all positions at the start and at the end."""
     attn = layer.self_attn
     sets = _fitting_sets(layer, batches, originals, stride)
-    inputs = sets[0][0]  # every set holds the keys and values of all positions
+    inputs = sets[0][0]  # every set holds the same normed inputs (keys and values of all positions)
     stats = _LayerStats(attn)
     for normed, _ in inputs:
         stats.add(normed)
