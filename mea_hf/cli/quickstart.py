@@ -18,8 +18,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
+    quickstart = Quickstart(out, "smoke" if args.smoke else "full", progress=not args.no_progress)  # checks first
     _prepare_out(out, args.overwrite)
-    quickstart = Quickstart(out, "smoke" if args.smoke else "full", progress=not args.no_progress)
     results = quickstart.run()
     print()
     print(results["table_markdown"])

@@ -4,6 +4,7 @@ The model runs as lm-eval's `mea` model (`mea_hf.evaluation.lm_eval_model.MEALM`
 without trust_remote_code and generation uses the compressed MEA cache.
 """
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -23,9 +24,16 @@ HEADLINE_METRICS = {
 PREFERRED_METRICS = (("acc_norm", True), ("acc", True), ("exact_match", True), ("bits_per_byte", False))
 
 
+def require_lm_eval() -> None:
+    """Refuse clearly, before any work, when lm-evaluation-harness (the `eval` extra) is not installed."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("evaluation needs lm-evaluation-harness, which is not installed: pip install 'mea-hf[eval]'")
+
+
 def task_manager(tasks=()):
     """lm-eval's TaskManager with this project's offline tasks (`mea_hf/resources/lm_eval`); lm-eval's built-in tasks are
     indexed too (seconds) unless `tasks` are all offline ones."""
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     offline_only = bool(tasks) and all(task in (*OFFLINE_TASKS, "mea_offline") for task in tasks)
@@ -80,6 +88,7 @@ def evaluate_folder(
 
     `limit` caps the examples per task (an int, or a fraction < 1). The folder loads through mea_hf, so MEA and
     Llama-family folders both work without trust_remote_code."""
+    require_lm_eval()
     import lm_eval
 
     from . import lm_eval_model  # noqa: F401  (registers the `mea` lm-eval model)

@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..evaluation.harness import require_lm_eval
 from ..hub.folders import check_model_folder
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from . import pipeline
@@ -115,6 +116,7 @@ class Quickstart:
     def __init__(self, out, preset: str = "full", progress: bool = True):
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        require_lm_eval()  # the measure stage runs lm-eval: refuse now, not after training
         self.out, self.preset, self.settings, self.progress = Path(out), preset, PRESETS[preset], progress
         self.summaries: dict[str, dict] = {}
         self.folders: dict[str, Path] = {}

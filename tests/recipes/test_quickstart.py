@@ -2,6 +2,7 @@
 sample over the compressed cache, table, plot, model cards) at toy sizes."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -71,3 +72,17 @@ def test_quickstart_refuses_to_overwrite_without_flag(smoke_run, capsys):
     assert main(["quickstart", "--smoke", "--no-progress", "--out", str(smoke_run)]) == 2
     assert "already holds quickstart outputs" in capsys.readouterr().err
     assert (smoke_run / "results.json").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_quickstart_without_lm_eval_refuses_before_touching_the_output(tmp_path, capsys, monkeypatch, overwrite):
+    """A bare `pip install .` lacks the `eval` extra: the run is refused up front (one line naming the extra), and an
+    earlier run's outputs are not deleted even with --overwrite."""
+    earlier = tmp_path / "out" / "results.json"
+    earlier.parent.mkdir()
+    earlier.write_text("{}")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is absent
+    arguments = ["quickstart", "--smoke", "--no-progress", "--out", str(earlier.parent)]
+    assert main(arguments + ["--overwrite"] * overwrite) == 2
+    assert "pip install 'mea-hf[eval]'" in capsys.readouterr().err
+    assert earlier.read_text() == "{}" and sorted(p.name for p in earlier.parent.iterdir()) == ["results.json"]
