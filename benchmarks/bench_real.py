@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_QUERY_STRIDE, CALIB_STEPS
+from mea_hf.compress import CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--calib-steps", type=int, default=CALIB_STEPS)
     parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
                         help="calib compares outputs at every N-th position")  # fmt: skip
+    parser.add_argument("--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS, help="blocks per refinement step")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -87,6 +88,12 @@ def head_counts(parser, flag: str, spec: str | None) -> list[int]:
     if not counts or min(counts) < 1:
         parser.error(f"{flag} must be comma-separated positive integers, got {spec!r}.")
     return counts
+
+
+def calib_options(args) -> dict:
+    """`reduce_kv_heads`'s calib settings from the flags."""
+    return {"calib_steps": args.calib_steps, "calib_query_stride": args.calib_query_stride,
+            "calib_step_blocks": args.calib_step_blocks}  # fmt: skip
 
 
 def english_texts() -> dict[str, list[str]]:
@@ -198,8 +205,7 @@ def main(argv=None) -> int:
                 label = method if composition == "scalar" else f"{method} banded"
                 _, compressed = pipeline.compress(
                     converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks,
-                    calib_steps=args.calib_steps, composition=composition, progress=True,
-                    calib_query_stride=args.calib_query_stride,
+                    composition=composition, progress=True, **calib_options(args),
                 )  # fmt: skip
                 record(f"{label} 3->{heads}", compressed, time.perf_counter() - started)
         if args.sensitivity_blocks:
@@ -207,8 +213,7 @@ def main(argv=None) -> int:
             report = layer_sensitivity(model, heads, sensitivity_blocks, "svd")
             layers = suggest_layers(report, (1 + heads / 3) / 2)
             _, compressed = pipeline.compress(converted_folder, out / f"calib-banded-{heads}-budget", heads, "calib",
-                                              calib_blocks, layers=layers, calib_steps=args.calib_steps,
-                                              composition="banded", calib_query_stride=args.calib_query_stride)  # fmt: skip
+                                              calib_blocks, layers=layers, composition="banded", **calib_options(args))
             record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
         if args.distill_tokens and heads in args.distill_kv_heads:
             started = time.perf_counter()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..compress.reduce import (
     CALIB_QUERY_STRIDE,
+    CALIB_STEP_BLOCKS,
     CALIB_STEPS,
     METHODS,
     check_composition,
@@ -46,6 +47,10 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
         help="compare outputs at every N-th position (calib; smaller: better fit, slower)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS,
+        help="blocks fitted per refinement step, a group in turn (calib; more: better fit, slower)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -101,6 +106,7 @@ def run(args) -> int:
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
         progress=True, composition=args.composition, calib_query_stride=args.calib_query_stride,
+        calib_step_blocks=args.calib_step_blocks,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {

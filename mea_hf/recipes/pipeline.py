@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..compress.reduce import CALIB_QUERY_STRIDE, CALIB_STEPS, describe_compression, reduce_kv_heads
+from ..compress.reduce import describe_compression, reduce_kv_heads
 from ..evaluation.loss import mean_token_loss
 from ..hub import save_folder
 from ..hub.folders import load_folder
@@ -23,13 +23,13 @@ def pretrain(settings: dict) -> dict:
 
 
 def compress(source, out, kv_heads: int, method: str, calib_blocks=None, layers=None, how_made: str | None = None,
-             calib_steps: int = CALIB_STEPS, composition: str | None = None, progress: bool = False,
-             calib_query_stride: int = CALIB_QUERY_STRIDE):  # fmt: skip
+             composition: str | None = None, progress: bool = False, **calib_options):  # fmt: skip
     """Load the MEA folder `source`, reduce `layers` (all by default) to `kv_heads` cached heads (in `composition`
-    form if given), save it to `out` with its tokenizer and a card saying how it was made. Returns (folder, model)."""
+    form if given; `calib_options`: `reduce_kv_heads`'s calib_steps, calib_query_stride, calib_step_blocks), save it
+    to `out` with its tokenizer and a card saying how it was made. Returns (folder, model)."""
     model, tokenizer = load_folder(source, "float32")
-    reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks, calib_steps=calib_steps,
-                    composition=composition, progress=progress, calib_query_stride=calib_query_stride)  # fmt: skip
+    reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks,
+                    composition=composition, progress=progress, **calib_options)  # fmt: skip
     how_made = how_made or describe_compression(str(source), method, kv_heads, layers, model.config)
     return save_folder(model, out, tokenizer, card={"how_made": how_made}), model
 

@@ -125,6 +125,49 @@ def test_calib_keeps_its_start_when_the_refinement_makes_it_worse(monkeypatch):
         assert torch.equal(diverged.state_dict()[name], tensor), name
 
 
+def test_calib_step_groups_cover_every_block_and_position_once():
+    """With more blocks than `calib_step_blocks`, each fitting set holds at most that many blocks, and the sets of all
+    groups and offsets together hold every (block, position) target of the layer exactly once."""
+    from mea_hf.compress.reduce import _attention_output, _fitting_sets, _layer_inputs
+
+    model = make_model(num_component_heads=2)
+    layer = model.model.layers[0]
+    blocks = random_blocks(n=5, length=11)
+    with torch.no_grad():
+        batches = list(_layer_inputs(model, blocks, batch_size=2))
+        groups = _fitting_sets(layer, batches, [hidden for hidden, _ in batches], 3, step_batches=2)
+        full = torch.cat([_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
+                          for hidden, extras in batches])  # fmt: skip
+    assert [len(group) for group in groups] == [3, 3]  # 3 batches (2 + 2 + 1 blocks) in groups of 2 batches
+    seen, first_block = torch.zeros(full.shape[:2], dtype=torch.long), 0
+    for group in groups:
+        for offset, (_, targets) in enumerate(group):
+            rows = list(range(10 - offset, -1, -3))[::-1]
+            assert sum(target.shape[0] for target in targets) <= 4
+            block = first_block
+            for target in targets:
+                torch.testing.assert_close(target, full[block : block + target.shape[0], rows], atol=1e-5, rtol=0)
+                seen[block : block + target.shape[0], rows] += 1
+                block += target.shape[0]
+        first_block = block
+    assert seen.eq(1).all()
+
+
+def test_calib_step_blocks_fits_groups_in_turn():
+    """`calib_step_blocks` below the block count changes the refinement (groups in turn), keeps calib no worse than
+    its start over all blocks, and equals the default when it covers every block."""
+    model = make_model()
+    blocks = random_blocks(n=16)
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
+    everything = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks)
+    same = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_step_blocks=64)
+    grouped = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_step_blocks=4)
+    for name, tensor in everything.state_dict().items():
+        assert torch.equal(same.state_dict()[name], tensor), name
+    assert not torch.equal(grouped.model.layers[1].self_attn.q_proj.weight, everything.model.layers[1].self_attn.q_proj.weight)
+    assert output_objective(model, grouped, 1, blocks) < output_objective(model, start, 1, blocks)
+
+
 def test_calib_all_layers_runs_layer_by_layer_and_is_exact_at_full_rank():
     model = make_model()
     blocks = random_blocks()
@@ -181,6 +224,9 @@ def test_bad_arguments_raise_before_any_change():
         reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_steps=-1)
     with pytest.raises(ValueError, match="calib_query_stride"):
         reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_query_stride=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="calib_step_blocks"):
+            reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_step_blocks=bad)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
@@ -342,6 +388,7 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         (model + ["--kv-heads", "2", "--layers", "0-2"], "out of range"),
         (model + ["--kv-heads", "2", "--layers", "one"], "--layers"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-data", str(empty)], "empty"),
+        (model + ["--kv-heads", "2", "--method", "calib", "--calib-step-blocks", "0"], "calib_step_blocks"),
         (["--model", str(llama_folder), "--kv-heads", "2"], "mea convert"),
         (["--model", str(tmp_path / "missing"), "--kv-heads", "2"], "no such folder"),
         (model + ["--budget", "0.75"], "--sensitivity"),
