@@ -94,11 +94,11 @@ def parse_args(argv=None):
 
 def build(row: str, args):
     """The row's model with random weights (same seed for every row), in eval mode."""
-    dims = dict(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.contexts) + args.new_tokens + 2,
-    )  # fmt: skip
+    dims = {
+        "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": max(args.contexts) + args.new_tokens + 2,
+    }  # fmt: skip
     torch.manual_seed(args.seed)
     fields = ROWS[row][1]
     if fields.get("llama"):

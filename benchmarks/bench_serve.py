@@ -82,10 +82,11 @@ def parse_args(argv=None):
 
 def row_config(row: str, args):
     """The row's config: Llama, or MEA with h' = h / divisor."""
-    dims = dict(
-        vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+    dims = {
+        "vocab_size": 1024, "hidden_size": args.hidden, "intermediate_size": 2 * args.hidden,
+        "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.heads,
+        "eos_token_id": None, "pad_token_id": 0,
+    }  # fmt: skip
     divisor = ROWS[row][1]
     if divisor is None:
         return LlamaConfig(**dims)

@@ -35,8 +35,8 @@ __all__ = [
     "MEAForSequenceClassification",
     "MEAModel",
     "MEAPreTrainedModel",
-    "MEAStaticCache",
     "MEAQuantizedCache",
+    "MEAStaticCache",
     "MEAStaticQuantizedCache",
     "cache_nbytes",
 ]

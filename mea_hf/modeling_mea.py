@@ -639,10 +639,14 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         int8 = int8_cache_options(generation_config)
         if int8 is not None and model_kwargs.get(CACHE_ARG) is not None and generation_config.is_assistant:
             return  # a draft model's own cache, handed back on its next call (5.23 keeps cache_implementation set)
-        if int8 is not None and generation_config.cache_implementation == "quantized":
-            if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
-                model_kwargs[CACHE_ARG] = MEAQuantizedCache(self.config, **int8)
-                return
+        if (
+            int8 is not None
+            and generation_config.cache_implementation == "quantized"
+            and model_kwargs.get(CACHE_ARG) is None
+            and generation_config.use_cache is not False
+        ):
+            model_kwargs[CACHE_ARG] = MEAQuantizedCache(self.config, **int8)
+            return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_ARG)
         if cache is None or getattr(cache, "_is_user_defined", False):
@@ -666,4 +670,4 @@ class MEAForSequenceClassification(GenericForSequenceClassification, MEAPreTrain
     """MEA decoder with a classification head on the last non-padding token."""
 
 
-__all__ = ["MEAPreTrainedModel", "MEAModel", "MEAForCausalLM", "MEAForSequenceClassification"]
+__all__ = ["MEAForCausalLM", "MEAForSequenceClassification", "MEAModel", "MEAPreTrainedModel"]

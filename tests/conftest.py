@@ -14,10 +14,10 @@ if "MEA_HF_CACHE" not in os.environ:  # a throw-away cache for the session: leav
     os.environ["MEA_HF_CACHE"] = tempfile.mkdtemp(prefix="mea-hf-test-cache-")
     atexit.register(shutil.rmtree, os.environ["MEA_HF_CACHE"], ignore_errors=True)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import mea_hf  # noqa: E402,F401
+import mea_hf  # noqa: F401
 
 # Tiny models run faster on one thread, and the suite stays quick on a busy 2-core machine.
 torch.set_num_threads(1)

@@ -4,4 +4,14 @@ choosing which layers to compress (`sensitivity.py`)."""
 from .reduce import CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS, METHODS, parse_layers, reduce_kv_heads
 from .sensitivity import layer_sensitivity, read_report, suggest_layers
 
-__all__ = ["CALIB_QUERY_STRIDE", "CALIB_STEP_BLOCKS", "CALIB_STEPS", "METHODS", "layer_sensitivity", "parse_layers", "read_report", "reduce_kv_heads", "suggest_layers"]
+__all__ = [
+    "CALIB_QUERY_STRIDE",
+    "CALIB_STEPS",
+    "CALIB_STEP_BLOCKS",
+    "METHODS",
+    "layer_sensitivity",
+    "parse_layers",
+    "read_report",
+    "reduce_kv_heads",
+    "suggest_layers",
+]

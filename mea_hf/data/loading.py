@@ -171,7 +171,8 @@ def _named_dataset_split(source: str, split: str):
         else:
             name, _, config = source.partition(":")
             dataset = datasets.load_dataset(name, config or None)
-    except Exception as error:  # offline, unknown name, no access, not a dataset folder: one clear message
+    # offline, unknown name, no access, not a dataset folder: one clear message
+    except Exception as error:  # noqa: BLE001
         raise ValueError(
             f"data {source!r} is neither 'builtin' nor .txt/.md/.jsonl files, and datasets could not load it: "
             f"{type(error).__name__}: {error}"

@@ -56,9 +56,9 @@ def load_teacher(folder: str, student, tokenizer, device):
             f"setting `teacher`: {folder} has vocab_size {teacher.config.vocab_size}, the student "
             f"{student.config.vocab_size}; distillation needs the same vocabulary."
         )
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"setting `teacher`: the tokenizer of {folder} differs from the student's.")
+    has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"setting `teacher`: the tokenizer of {folder} differs from the student's.")
     teacher.config.use_cache = False
     teacher.requires_grad_(False)
     return teacher.eval().to(device)

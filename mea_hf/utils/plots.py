@@ -8,7 +8,7 @@ import matplotlib
 from .atomic import atomic_file
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 
 def save_figure(figure, path: str | os.PathLike) -> Path:

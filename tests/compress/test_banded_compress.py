@@ -72,7 +72,7 @@ def test_banded_is_closer_than_scalar_on_the_weights_and_the_calibration_objecti
     banded = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="svd", composition="banded")
     reference = model.model.layers[1].self_attn
     for which in ("k", "v"):
-        def error(compressed):
+        def error(compressed, which=which):
             return (rows_of(compressed.model.layers[1].self_attn, which) - rows_of(reference, which)).pow(2).sum()
         assert error(banded) < error(scalar)
     calib = {

@@ -19,14 +19,14 @@ from mea_hf.modeling_mea import MEAForCausalLM
 
 # Tiny configs have 4 query heads; "kv" is the number of virtual KV heads h, "components" h' (per layer if a list).
 SHAPES = {
-    "mha_uncompressed": dict(num_key_value_heads=4, num_component_heads=4),
-    "mha_half": dict(num_key_value_heads=4, num_component_heads=2),
-    "gqa_uncompressed": dict(num_key_value_heads=2, num_component_heads=2),
-    "gqa_one_component": dict(num_key_value_heads=2, num_component_heads=1),
-    "gqa_second_layer_only": dict(num_key_value_heads=2, num_component_heads=[2, 1]),
+    "mha_uncompressed": {"num_key_value_heads": 4, "num_component_heads": 4},
+    "mha_half": {"num_key_value_heads": 4, "num_component_heads": 2},
+    "gqa_uncompressed": {"num_key_value_heads": 2, "num_component_heads": 2},
+    "gqa_one_component": {"num_key_value_heads": 2, "num_component_heads": 1},
+    "gqa_second_layer_only": {"num_key_value_heads": 2, "num_component_heads": [2, 1]},
     # Banded HLC (complex key weights per RoPE pair, d x d value maps), compressed and partly compressed.
-    "mha_half_banded": dict(num_key_value_heads=4, num_component_heads=2, composition="banded"),
-    "gqa_second_layer_only_banded": dict(num_key_value_heads=2, num_component_heads=[2, 1], composition="banded"),
+    "mha_half_banded": {"num_key_value_heads": 4, "num_component_heads": 2, "composition": "banded"},
+    "gqa_second_layer_only_banded": {"num_key_value_heads": 2, "num_component_heads": [2, 1], "composition": "banded"},
 }
 PATHS = ("reconstruct", "absorb")
 ALL_CASES = [pytest.param(shape, path, id=f"{shape}-{path}") for shape in SHAPES for path in PATHS]
@@ -96,7 +96,7 @@ def test_greedy(shape, path):
 def test_sampling_with_fixed_seed(shape, path):
     model = make_model(shape, path)
     ids = prompt(batch=2)
-    sample = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, seed=7)
+    sample = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "seed": 7}
     cached = run(model, ids, **sample)
     assert_same_generation(cached, run(model, ids, use_cache=False, **sample))
     # The seed matters (sampling is really random), so equal outputs above are not a coincidence of argmax.
@@ -107,7 +107,7 @@ def test_sampling_with_fixed_seed(shape, path):
 def test_beam_search(shape, path):
     model = make_model(shape, path)
     ids = prompt(batch=2)
-    beams = dict(do_sample=False, num_beams=3, num_return_sequences=2, output_scores=True)
+    beams = {"do_sample": False, "num_beams": 3, "num_return_sequences": 2, "output_scores": True}
     cached = run(model, ids, **beams)
     uncached = run(model, ids, use_cache=False, **beams)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -179,7 +179,9 @@ def test_pipeline_and_streamer(shape, path, tokenizer):
     model = make_model(shape, path, vocab_size=len(tokenizer))
     text = "The river"
     generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False)
+    options = {
+        "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "return_full_text": False
+    }  # fmt: skip
     cached_text = generate(text, **options)[0]["generated_text"]
     assert cached_text == generate(text, use_cache=False, **options)[0]["generated_text"]
 
@@ -238,7 +240,7 @@ def test_compiled_decode_step_over_static_cache(path):
     caches = [MEAStaticCache(model.config, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         model(ids, **{CACHE_ARG: cache})
-    step = dict(input_ids=prompt(length=1, seed=9), position_ids=torch.tensor([[5]]))
+    step = {"input_ids": prompt(length=1, seed=9), "position_ids": torch.tensor([[5]])}
     eager = model(**step, **{CACHE_ARG: caches[0]}).logits
     compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled = compiled_model(**step, **{CACHE_ARG: caches[1]}).logits

@@ -214,7 +214,7 @@ def test_int8_bytes_are_payload_plus_scales():
     fill([static], [5], batch=2)
     assert cache_nbytes(static) == 2 * 2 * heads * 40 * (HEAD_DIM + 2)
     # Per token, against a Llama float16 cache of the same shape (12 layers, h = 12, head_dim 64).
-    dims = dict(num_hidden_layers=12, num_attention_heads=12, hidden_size=768)
+    dims = {"num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768}
     llama_fp16 = kv_bytes_per_token(MEAConfig(**dims))
     assert kv_bytes_per_token(MEAConfig(**dims, num_component_heads=6), int8=True) == 12 * 2 * 6 * 66
     assert kv_bytes_per_token(MEAConfig(**dims, num_component_heads=6), int8=True) / llama_fp16 <= 0.27
@@ -260,7 +260,7 @@ def test_generate_selects_int8_caches_by_transformers_conventions():
 def test_int8_beam_search_and_assisted_decoding():
     model = make_model([2, 1])
     ids = prompt()
-    int8 = dict(cache_implementation="quantized")
+    int8 = {"cache_implementation": "quantized"}
     greedy = generate(model, ids[:1], max_new_tokens=10, **int8)
     draft = make_model(1, num_hidden_layers=1)
     assisted = generate(model, ids[:1], max_new_tokens=10, assistant_model=draft, **int8)
@@ -298,7 +298,7 @@ def test_compiled_decode_step_over_static_int8_cache():
     caches = [MEAStaticQuantizedCache(model.config, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         model(ids, **{CACHE_ARG: cache})
-    step = dict(input_ids=prompt(batch=1, length=1, seed=9), position_ids=torch.tensor([[5]]))
+    step = {"input_ids": prompt(batch=1, length=1, seed=9), "position_ids": torch.tensor([[5]])}
     eager = model(**step, **{CACHE_ARG: caches[0]}).logits
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**step, **{CACHE_ARG: caches[1]}).logits
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)

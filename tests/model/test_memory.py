@@ -45,7 +45,7 @@ def test_static_cache_bytes_are_the_allocation():
 
 def test_bytes_per_token_by_hand():
     """The benchmark shape (12 layers, hidden 768, 12 heads of 64): K and V, fp16, 12 heads vs 6 per layer."""
-    dims = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
+    dims = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
     llama, mea = LlamaConfig(**dims), tiny_mea_config(**dims, num_key_value_heads=12, num_component_heads=6)
     assert cached_heads_per_layer(llama) == [12] * 12 and cached_heads_per_layer(mea) == [6] * 12
     assert kv_bytes_per_token(llama) == 2 * 64 * 12 * 12 * 2 == 36864

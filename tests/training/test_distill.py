@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import perturb_, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import perturb_, tiny_model
 from mea_hf.cli import main as cli_main
 from mea_hf.data.loading import cached_blocks
 from mea_hf.hub import save_folder

@@ -26,7 +26,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(tmp_pat
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29533", str(WORKER), str(data), str(out), str(tmp_path / "cache")]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
