@@ -44,6 +44,7 @@ Exact and approximate:
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,12 +67,33 @@ CALIB_STEPS = 45
 CALIB_QUERY_STRIDE = 4
 # Adam's first step size, as a fraction of each refined tensor's RMS, decayed to 0 on a cosine. With the compared rows
 # moving every step (above), SmolLM2-135M banded, 50 steps: +3.47% bits/byte at 3 -> 2 and +20.4% at 3 -> 1, against
-# +4.08% and +22.5% for a fixed set of rows with the step sizes (0.06) halved after each worse step.
+# +4.08% and +22.5% for a fixed set of rows with the step sizes (0.06) halved after each worse step. It depends on the
+# model: the quickstart's toy model, whose start is far off, wants 0.06 and more steps (`mea_hf.recipes.quickstart`).
 CALIB_LR = 0.018
 # Each refinement step fits at most this many calibration blocks (whole batches of `CALIB_BATCH`), a group in turn; the
 # start, its error and the final check still use every block. With 64 blocks on SmolLM2-135M banded 3 -> 2: +2.64%
 # bits/byte in 254 s against +2.53% in 12 minutes with every block in every step; 8 blocks per step: +3.31%.
 CALIB_STEP_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS), each
+    comparing every `query_stride`-th position of at most `step_blocks` blocks."""
+
+    steps: int = CALIB_STEPS
+    query_stride: int = CALIB_QUERY_STRIDE
+    step_blocks: int = CALIB_STEP_BLOCKS
+    lr: float = CALIB_LR
+
+    def __post_init__(self):
+        for name, minimum in (("steps", 0), ("query_stride", 1), ("step_blocks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                kind = "a non-negative" if minimum == 0 else "a positive"
+                raise ValueError(f"calib_{name} must be {kind} integer, got {value!r}.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"calib_lr must be a positive number, got {self.lr!r}.")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -370,7 +392,7 @@ def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = Fa
 
 
 def _step_scale(tensor: torch.Tensor, value_maps: bool) -> float:
-    """Adam's step size for `tensor`, before `CALIB_LR`: its RMS; for d x d value maps (banded `hlc_v`), also divided
+    """Adam's step size for `tensor`, before calib's `lr`: its RMS; for d x d value maps (banded `hlc_v`), also divided
     by sqrt(d), since a same-signed step on all d inputs of a map moves its output ~sqrt(d) times as much as one
     scalar."""
     scale = tensor.detach().float().pow(2).mean().sqrt().item()
@@ -409,9 +431,9 @@ def _set_error(attn, sets) -> float:
     return sum(attention_output_error(attn, inputs, targets) for inputs, targets in sets)
 
 
-def _refine(attn, sets, steps: int, start_error: float) -> float:
+def _refine(attn, sets, steps: int, lr: float, start_error: float) -> float:
     """`steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
-    `sets[t % len(sets)]`, step sizes decayed from `CALIB_LR` (times `_step_scale`) to 0 on a cosine. The result is
+    `sets[t % len(sets)]`, step sizes decayed from `lr` (times `_step_scale`) to 0 on a cosine. The result is
     kept if its error over all sets is below `start_error` (the start's), else the start is restored.
     Returns the error (sum of squares over all sets) of what is kept."""
     tensors = _refined_tensors(attn)
@@ -420,7 +442,7 @@ def _refine(attn, sets, steps: int, start_error: float) -> float:
     for parameter in frozen:
         parameter.requires_grad_(False)
     value_maps = attn.hlc_v.dim() == 4
-    peaks = [CALIB_LR * _step_scale(t, value_maps and t is attn.hlc_v) for t in tensors]
+    peaks = [lr * _step_scale(t, value_maps and t is attn.hlc_v) for t in tensors]
     groups = [{"params": [t], "lr": peak} for t, peak in zip(tensors, peaks, strict=True)]
     optimizer = torch.optim.Adam(groups, fused=tensors[0].device.type in ("cpu", "cuda"))
     with torch.enable_grad():
@@ -442,12 +464,12 @@ def _refine(attn, sets, steps: int, start_error: float) -> float:
     return min(error, start_error)
 
 
-def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: int, step_batches: int):
+def _calibrate_layer(layer, heads: int, batches, originals, options: CalibOptions, step_batches: int):
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
     PCA (judged on the first set's rows), then refinement, against the targets of `_fitting_sets`. Returns the
     attention-output mean squared error over all positions and blocks at the start and at the end."""
     attn = layer.self_attn
-    groups = _fitting_sets(layer, batches, originals, stride, step_batches)
+    groups = _fitting_sets(layer, batches, originals, options.query_stride, step_batches)
     sets = [fitting_set for group in groups for fitting_set in group]  # the steps' order: offsets vary fastest
     inputs = sets[0][0]  # the sets of one group hold the same normed inputs (keys and values of all positions)
     stats = _LayerStats(attn)
@@ -471,19 +493,17 @@ def _calibrate_layer(layer, heads: int, batches, originals, steps: int, stride: 
         setattr(attn, name, module)
     size = sum(target.numel() for _, targets in sets for target in targets)
     start_error = _set_error(attn, sets) if len(sets) > 1 else best_error
-    end_error = _refine(attn, sets, steps, start_error) if steps else start_error
+    end_error = _refine(attn, sets, options.steps, options.lr, start_error) if options.steps else start_error
     return start_error / size, end_error / size
 
 
-def _compress_calib(
-    model, targets: dict[int, int], blocks: torch.Tensor, steps: int, stride: int, step_blocks: int, progress: bool
-) -> None:
+def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, options: CalibOptions, progress: bool) -> None:
     """Layer by layer, on the hidden states produced by the already-compressed earlier layers, next to those of the
     original model (the targets, `_calibrate_layer`); a progress bar shows each compressed layer's attention-output
     MSE after refinement and at its start."""
     from tqdm.auto import tqdm
 
-    batch_size = min(CALIB_BATCH, step_blocks)
+    batch_size = min(CALIB_BATCH, options.step_blocks)
     batches = list(_layer_inputs(model, blocks, batch_size))
     originals = [hidden for hidden, _ in batches]  # the uncompressed model's hidden states, layer by layer
     layers = model.model.layers[: max(targets) + 1]
@@ -491,21 +511,14 @@ def _compress_calib(
     for index, layer in enumerate(layers):
         next_originals = [layer(hidden, **extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
-            start, end = _calibrate_layer(
-                layer, targets[index], batches, originals, steps, stride, step_blocks // batch_size
-            )
+            step_batches = options.step_blocks // batch_size
+            start, end = _calibrate_layer(layer, targets[index], batches, originals, options, step_batches)
             _set_heads(model, index, targets[index])
             bar.set_postfix(layer=index, mse=f"{end:.3g}", start=f"{start:.3g}", ratio=f"{end / start:.2f}")
         batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
         originals = next_originals
         bar.update(1)
     bar.close()
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a non-negative" if minimum == 0 else "a positive"
-        raise ValueError(f"{name} must be {kind} integer, got {value!r}.")
 
 
 def _set_heads(model, layer: int, heads: int) -> None:
@@ -519,15 +532,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
-    calib_step_blocks: int = CALIB_STEP_BLOCKS,
+    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer, each comparing outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks;
-    `progress` shows a per-layer bar with the error). `composition="banded"`
+    layer from a peak step size `calib_lr`, each comparing outputs at every `calib_query_stride`-th position of at
+    most `calib_step_blocks` blocks; `progress` shows a per-layer bar with the error). `composition="banded"`
     first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
     d x d value maps. Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
@@ -541,9 +554,7 @@ def reduce_kv_heads(
     targets = _targets(model.config, num_component_heads, layers)
     if method == "calib":
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
-        _check_count("calib_steps", calib_steps, 0)
-        _check_count("calib_query_stride", calib_query_stride, 1)
-        _check_count("calib_step_blocks", calib_step_blocks, 1)
+        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr)
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
     check_composition(model.config, composition)
@@ -556,12 +567,13 @@ def reduce_kv_heads(
             _compress_layer_svd(model.model.layers[index].self_attn, heads)
             _set_heads(model, index, heads)
     else:
-        _compress_calib(model, targets, calib_blocks, calib_steps, calib_query_stride, calib_step_blocks, progress)
+        _compress_calib(model, targets, calib_blocks, options, progress)
     model.train(was_training)
     return model
 
 
 __all__ = [
+    "CALIB_LR",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",

@@ -112,15 +112,14 @@ def test_calib_beats_svd_on_the_calibration_objective(heads):
     assert 0 < calib_error < start_error <= svd_error * (1 + 1e-9)
 
 
-def test_calib_keeps_its_start_when_the_refinement_makes_it_worse(monkeypatch):
+def test_calib_keeps_its_start_when_the_refinement_makes_it_worse():
     """A refinement that ends above the start's error over all positions is undone: the start is returned as it was."""
-    from mea_hf.compress import reduce
-
     model = make_model()
     blocks = random_blocks()
     start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
-    monkeypatch.setattr(reduce, "CALIB_LR", 1e3)  # steps this large overshoot every time
-    diverged = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5)
+    diverged = reduce_kv_heads(  # steps this large overshoot every time
+        copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5, calib_lr=1e3
+    )
     for name, tensor in start.state_dict().items():
         assert torch.equal(diverged.state_dict()[name], tensor), name
 
@@ -227,6 +226,9 @@ def test_bad_arguments_raise_before_any_change():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="calib_step_blocks"):
             reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_step_blocks=bad)
+    for bad in (0, -0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="calib_lr"):
+            reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_lr=bad)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
@@ -389,6 +391,7 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         (model + ["--kv-heads", "2", "--layers", "one"], "--layers"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-data", str(empty)], "empty"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-step-blocks", "0"], "calib_step_blocks"),
+        (model + ["--kv-heads", "2", "--method", "calib", "--calib-lr", "-1"], "calib_lr"),
         (["--model", str(llama_folder), "--kv-heads", "2"], "mea convert"),
         (["--model", str(tmp_path / "missing"), "--kv-heads", "2"], "no such folder"),
         (model + ["--budget", "0.75"], "--sensitivity"),
