@@ -464,7 +464,9 @@ def _refine(attn, sets, steps: int, lr: float, start_error: float) -> float:
     return min(error, start_error)
 
 
-def _calibrate_layer(layer, heads: int, batches, originals, options: CalibOptions, step_batches: int):
+def _calibrate_layer(
+    layer, heads: int, batches, originals, options: CalibOptions, step_batches: int
+) -> tuple[float, float]:
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
     PCA (judged on the first set's rows), then refinement, against the targets of `_fitting_sets`. Returns the
     attention-output mean squared error over all positions and blocks at the start and at the end."""
@@ -504,6 +506,7 @@ def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, option
     from tqdm.auto import tqdm
 
     batch_size = min(CALIB_BATCH, options.step_blocks)
+    step_batches = options.step_blocks // batch_size
     batches = list(_layer_inputs(model, blocks, batch_size))
     originals = [hidden for hidden, _ in batches]  # the uncompressed model's hidden states, layer by layer
     layers = model.model.layers[: max(targets) + 1]
@@ -511,7 +514,6 @@ def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, option
     for index, layer in enumerate(layers):
         next_originals = [layer(hidden, **extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
-            step_batches = options.step_blocks // batch_size
             start, end = _calibrate_layer(layer, targets[index], batches, originals, options, step_batches)
             _set_heads(model, index, targets[index])
             bar.set_postfix(layer=index, mse=f"{end:.3g}", start=f"{start:.3g}", ratio=f"{end / start:.2f}")
