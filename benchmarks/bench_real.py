@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
+from mea_hf.compress.reduce import CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
                         help="calib compares outputs at every N-th position")  # fmt: skip
     parser.add_argument("--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS, help="blocks per refinement step")
+    parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -93,7 +94,7 @@ def head_counts(parser, flag: str, spec: str | None) -> list[int]:
 def calib_options(args) -> dict:
     """`reduce_kv_heads`'s calib settings from the flags."""
     return {"calib_steps": args.calib_steps, "calib_query_stride": args.calib_query_stride,
-            "calib_step_blocks": args.calib_step_blocks}  # fmt: skip
+            "calib_step_blocks": args.calib_step_blocks, "calib_lr": args.calib_lr}  # fmt: skip
 
 
 def english_texts() -> dict[str, list[str]]:
