@@ -67,8 +67,9 @@ CALIB_STEPS = 45
 CALIB_QUERY_STRIDE = 4
 # Adam's first step size, as a fraction of each refined tensor's RMS, decayed to 0 on a cosine. With the compared rows
 # moving every step (above), SmolLM2-135M banded, 50 steps: +3.47% bits/byte at 3 -> 2 and +20.4% at 3 -> 1, against
-# +4.08% and +22.5% for a fixed set of rows with the step sizes (0.06) halved after each worse step. It depends on the
-# model: the quickstart's toy model, whose start is far off, wants 0.06 and more steps (`mea_hf.recipes.quickstart`).
+# +4.08% and +22.5% for a fixed set of rows with the step sizes (0.06) halved after each worse step; at 3 -> 1 (45
+# steps) 0.01 / 0.04 gave +22.4% / +23.9% against +20.8%. It depends on the model: the quickstart's toy model, whose
+# start is far off, wants 0.06 and more steps (`mea_hf.recipes.quickstart`).
 CALIB_LR = 0.018
 # Each refinement step fits at most this many calibration blocks (whole batches of `CALIB_BATCH`), a group in turn; the
 # start, its error and the final check still use every block. With 64 blocks on SmolLM2-135M banded 3 -> 2: +2.64%
