@@ -500,7 +500,9 @@ def _calibrate_layer(
     return start_error / size, end_error / size
 
 
-def _compress_calib(model, targets: dict[int, int], blocks: torch.Tensor, options: CalibOptions, progress: bool) -> None:
+def _compress_calib(
+    model, targets: dict[int, int], blocks: torch.Tensor, options: CalibOptions, progress: bool
+) -> None:
     """Layer by layer, on the hidden states produced by the already-compressed earlier layers, next to those of the
     original model (the targets, `_calibrate_layer`); a progress bar shows each compressed layer's attention-output
     MSE after refinement and at its start."""

@@ -25,7 +25,7 @@ def pretrain(settings: dict) -> dict:
 def compress(source, out, kv_heads: int, method: str, calib_blocks=None, layers=None, how_made: str | None = None,
              composition: str | None = None, progress: bool = False, **calib_options):  # fmt: skip
     """Load the MEA folder `source`, reduce `layers` (all by default) to `kv_heads` cached heads (in `composition`
-    form if given; `calib_options`: `reduce_kv_heads`'s calib_steps, calib_query_stride, calib_step_blocks), save it
+    form if given; `calib_options`: `reduce_kv_heads`'s calib_* settings), save it
     to `out` with its tokenizer and a card saying how it was made. Returns (folder, model)."""
     model, tokenizer = load_folder(source, "float32")
     reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks,

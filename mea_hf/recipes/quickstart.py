@@ -178,11 +178,13 @@ class Quickstart:
         how_made = (
             f"`{source}` with its KV cache compressed to {heads} of {kv_heads} heads in every layer by "
             f'`mea_hf.compress.reduce_kv_heads(method="calib")` on {len(calib)} training blocks of '
-            f"{s['block_size']} tokens ({s['calib_steps']} refinement steps, calib_lr {s['calib_lr']}; mea quickstart); "
-            "no training after compression."
+            f"{s['block_size']} tokens ({s['calib_steps']} refinement steps, calib_lr {s['calib_lr']}; "
+            "mea quickstart); no training after compression."
         )
-        folder, _ = pipeline.compress(source, self.out / "mea-kv50-compressed", heads, "calib", calib, how_made=how_made,
-                                      calib_steps=s["calib_steps"], calib_lr=s["calib_lr"])  # fmt: skip
+        folder, _ = pipeline.compress(
+            source, self.out / "mea-kv50-compressed", heads, "calib", calib, how_made=how_made,
+            calib_steps=s["calib_steps"], calib_lr=s["calib_lr"],
+        )  # fmt: skip
         self.folders["mea-kv50-compressed"] = folder
 
     def recover(self) -> None:

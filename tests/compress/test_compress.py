@@ -157,13 +157,16 @@ def test_calib_step_blocks_fits_groups_in_turn():
     its start over all blocks, and equals the default when it covers every block."""
     model = make_model()
     blocks = random_blocks(n=16)
-    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
-    everything = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks)
-    same = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_step_blocks=64)
-    grouped = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_step_blocks=4)
+
+    def calib(**options):
+        return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, **options)
+
+    start, everything = calib(calib_steps=0), calib()
+    same, grouped = calib(calib_step_blocks=64), calib(calib_step_blocks=4)
     for name, tensor in everything.state_dict().items():
         assert torch.equal(same.state_dict()[name], tensor), name
-    assert not torch.equal(grouped.model.layers[1].self_attn.q_proj.weight, everything.model.layers[1].self_attn.q_proj.weight)
+    query_weights = [candidate.model.layers[1].self_attn.q_proj.weight for candidate in (grouped, everything)]
+    assert not torch.equal(*query_weights)
     assert output_objective(model, grouped, 1, blocks) < output_objective(model, start, 1, blocks)
 
 
