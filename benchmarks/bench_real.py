@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress.reduce import CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
+from mea_hf.compress import CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks

@@ -1,10 +1,19 @@
 """KV-head reduction of MEA models: `reduce_kv_heads` (svd / calib, in `reduce.py`) and per-layer sensitivity for
 choosing which layers to compress (`sensitivity.py`)."""
 
-from .reduce import CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS, METHODS, parse_layers, reduce_kv_heads
+from .reduce import (
+    CALIB_LR,
+    CALIB_QUERY_STRIDE,
+    CALIB_STEP_BLOCKS,
+    CALIB_STEPS,
+    METHODS,
+    parse_layers,
+    reduce_kv_heads,
+)
 from .sensitivity import layer_sensitivity, read_report, suggest_layers
 
 __all__ = [
+    "CALIB_LR",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",

@@ -8,7 +8,7 @@ import matplotlib
 from .atomic import atomic_file
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # after choosing the backend
 
 
 def save_figure(figure, path: str | os.PathLike) -> Path:
