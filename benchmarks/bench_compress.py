@@ -33,6 +33,7 @@ from mea_hf.hub.folders import load_folder
 from mea_hf.memory import kv_fraction
 from mea_hf.recipes import pipeline
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import machine_info
 from mea_hf.utils.tables import markdown_table
 
 MODEL = {
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
         "svd-50% within 2% of uncompressed after recovery": svd["loss_after_recovery"] <= 1.02 * base_loss,
     }
     results["seconds"] = timings
+    results["machine"] = machine_info()
     table = results_table(results)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", table + "\n")

@@ -36,6 +36,7 @@ from mea_hf.evaluation.speed import prefill, time_decode
 from mea_hf.memory import cache_nbytes
 from mea_hf.modeling_mea import MEAForCausalLM
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import machine_info
 from mea_hf.utils.tables import markdown_table
 
 ROWS = {  # name -> (label, fields); "heads": h' as a fraction of h; "int8": MEAQuantizedCache; "static": pre-allocated
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("memory_")}
     out = Path(args.out)
     summary = {
-        "settings": settings, "torch_threads": torch.get_num_threads(), "seconds": time.time() - started,
+        "settings": settings, "machine": machine_info(), "seconds": time.time() - started,
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results,
     }  # fmt: skip
     table = results_table(results)

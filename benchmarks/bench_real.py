@@ -12,7 +12,8 @@ Steps (each a real `mea_hf` call):
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
    (`mea train --teacher`, attention only, `--distill-tokens`);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
-   samples, written as results.json, bpb.png and results.md.
+   samples, written as results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png
+   and results.md.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_real.py --out runs/bench_real                 # full run (hours on CPU)
     python benchmarks/bench_real.py --out runs/bench_real_short --short                      # a quick check
@@ -22,6 +23,7 @@ Steps (each a real `mea_hf` call):
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
+from mea_hf.compress import CALIB_LR, CALIB_QO_SCALE, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -39,6 +41,7 @@ from mea_hf.memory import kv_fraction
 from mea_hf.recipes import pipeline
 from mea_hf.training.loop import train
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
 
 PROMPT = "The three most important things to know about the Python programming language are"
@@ -56,6 +59,7 @@ def parse_args(argv=None):
                         help="calib compares outputs at every N-th position")  # fmt: skip
     parser.add_argument("--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS, help="blocks per refinement step")
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
+    parser.add_argument("--calib-qo-scale", type=float, default=CALIB_QO_SCALE, help="q/o step size, a fraction")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -94,7 +98,8 @@ def head_counts(parser, flag: str, spec: str | None) -> list[int]:
 def calib_options(args) -> dict:
     """`reduce_kv_heads`'s calib settings from the flags."""
     return {"calib_steps": args.calib_steps, "calib_query_stride": args.calib_query_stride,
-            "calib_step_blocks": args.calib_step_blocks, "calib_lr": args.calib_lr}  # fmt: skip
+            "calib_step_blocks": args.calib_step_blocks, "calib_lr": args.calib_lr,
+            "calib_qo_scale": args.calib_qo_scale}  # fmt: skip
 
 
 def english_texts() -> dict[str, list[str]]:
@@ -185,7 +190,9 @@ def main(argv=None) -> int:
     calib_blocks = calib_all[: args.calib_blocks]
     sensitivity_blocks = calib_all[args.calib_blocks : args.calib_blocks + args.sensitivity_blocks]
     eval_blocks = pack_blocks(tokenizer, texts["validation"], args.block_size, args.eval_blocks)
-    results = {"config": vars(args), "eval_tokens": eval_blocks.numel(), "variants": {}, "samples": {}}
+    results = {"config": vars(args), "machine": machine_info(), "eval_tokens": eval_blocks.numel(), "variants": {},
+               "samples": {}}  # fmt: skip
+    print(describe_machine(results["machine"]), file=sys.stderr, flush=True)
 
     def record(name: str, variant_model, seconds: float = 0.0, **extra) -> None:
         config = variant_model.config
@@ -222,6 +229,8 @@ def main(argv=None) -> int:
             recovered, _ = load_folder(summary["final_dir"], "float32")
             record(f"calib banded 3->{heads} + distill", recovered, time.perf_counter() - started,
                    tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
+    results["load_average_1min_after"] = os.getloadavg()[0]
+    atomic_write_json(out / "results.json", results)
     plot(results, out / "bpb.png")
     atomic_write_text(out / "results.md", table(results) + "\n")
     print(table(results))

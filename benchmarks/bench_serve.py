@@ -14,8 +14,8 @@ columns do not change between repeats.
 Two Llama rows: transformers' stock SDPA paged path (all sequences of a forward packed into one block-diagonal
 attention) and the same model with MEA's per-sequence kernel (`mea_hf.paged_attention.per_sequence_sdpa`, which the
 MEA rows use); ratios are to `--baseline` (default the latter: the same kernel, so the ratio is the architecture's)
-of the same run (JSON, PNG, Markdown table). The 1-minute load average before and after
-the run is recorded (the rows are timed on a CPU that may be shared).
+of the same run (JSON, PNG, Markdown table). The machine (CPU, vector flags; `mea_hf.utils.machine`) and the 1-minute
+load average before and after the run are recorded (the rows are timed on a CPU that may be shared).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
     python benchmarks/bench_serve.py --kv-mib 2 4 8 16 64 --repeats 5   # where MEA's saving stops paying
@@ -41,6 +41,7 @@ from mea_hf.memory import kv_bytes_per_token
 from mea_hf.modeling_mea import MEAForCausalLM
 from mea_hf.paged_attention import per_sequence_sdpa
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
 
 ROWS = {
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
             if page_blocks(row, args, mib)[1] * args.page_size < args.prompt_max + args.new_tokens:
                 raise SystemExit(f"--kv-mib {mib:g} holds fewer tokens in {row}'s pages than one request's "
                                  f"{args.prompt_max + args.new_tokens}; raise it.")  # fmt: skip
-    load_before = os.getloadavg()[0]
+    machine = machine_info()
+    load_before = machine["load_average_1min"]
     runs = {(mib, row): [] for mib in args.kv_mib for row in args.rows}
     order = [(mib, row) for _ in range(args.repeats) for mib in args.kv_mib for row in args.rows]
     for mib, row in tqdm(order, desc="rows"):
@@ -246,11 +248,12 @@ def main(argv=None) -> int:
     load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {"args": vars(args), "load_average_1min": load, "budgets": budgets})
+    atomic_write_json(out / "results.json", {"args": vars(args), "machine": machine, "load_average_1min": load,
+                                             "budgets": budgets})  # fmt: skip
     atomic_write_text(out / "table.md", table(budgets) + "\n")
     plot(budgets, args.baseline, out / "serve.png")
     print(table(budgets))
-    print(f"1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
+    print(f"{describe_machine(machine)}; 1-minute load average after: {load['after']:.2f}")
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'serve.png'}")
     return 0
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from mea_hf.training.models import model_config
 from mea_hf.training.optim import parameter_groups
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import machine_info
 from mea_hf.utils.plots import line_plot
 from mea_hf.utils.tables import markdown_table
 
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
         if device.type == "cpu"
         else torch.cuda.get_device_name(device),
         "clock": args.clock,
+        "machine": machine_info(),
         "parameters": {v: sum(p.numel() for p in trainers[v][0].parameters()) for v in VARIANTS},
         "tokens_per_second_per_step": rates,
         "median_tokens_per_second": median,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..compress.reduce import (
     CALIB_LR,
+    CALIB_QO_SCALE,
     CALIB_QUERY_STRIDE,
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
@@ -56,6 +57,10 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--calib-lr", type=float, default=CALIB_LR,
         help="peak refinement step size, a fraction of each tensor's RMS (calib; model-dependent)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-qo-scale", type=float, default=CALIB_QO_SCALE,
+        help="step size of the layer's q/o projections, as a fraction of the new k/v projections' (calib)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -111,7 +116,7 @@ def run(args) -> int:
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
         progress=True, composition=args.composition, calib_query_stride=args.calib_query_stride,
-        calib_step_blocks=args.calib_step_blocks, calib_lr=args.calib_lr,
+        calib_step_blocks=args.calib_step_blocks, calib_lr=args.calib_lr, calib_qo_scale=args.calib_qo_scale,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {

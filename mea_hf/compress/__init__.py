@@ -3,6 +3,7 @@ choosing which layers to compress (`sensitivity.py`)."""
 
 from .reduce import (
     CALIB_LR,
+    CALIB_QO_SCALE,
     CALIB_QUERY_STRIDE,
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
@@ -14,6 +15,7 @@ from .sensitivity import layer_sensitivity, read_report, suggest_layers
 
 __all__ = [
     "CALIB_LR",
+    "CALIB_QO_SCALE",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",

@@ -18,7 +18,7 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
   2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q/o projections
-     (which adapt to the compressed keys and values), minimising the squared error of the attention sub-layer
+     (which adapt to the compressed keys and values; `calib_qo_scale` scales their step size), minimising the squared error of the attention sub-layer
      output (after softmax, head norm and o_proj) against the original model's residual stream after that
      sub-layer minus the current one (so a layer also corrects the drift of the compressed layers before it).
      Each step compares every `CALIB_QUERY_STRIDE`-th position, from an offset that moves by one each step, so the
@@ -57,8 +57,8 @@ from . import factors
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
 # Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of the 30 layers
-# of SmolLM2-135M under 3 minutes on 2 cores (3 -> 2: 171 s, against 185 s for the earlier 50 steps with early
-# stopping, on the same idle machine; +3.57% bits/byte against +4.08%).
+# of SmolLM2-135M under 3 minutes on one 2-core machine (3 -> 2: 171 s, against 185 s for the earlier 50 steps with
+# early stopping, on the same idle machine; +3.57% bits/byte against +4.08%); an AVX2-only 2-core machine took 477 s.
 CALIB_STEPS = 45
 # Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
 # position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
@@ -75,17 +75,24 @@ CALIB_LR = 0.018
 # start, its error and the final check still use every block. With 64 blocks on SmolLM2-135M banded 3 -> 2: +2.64%
 # bits/byte in 254 s against +2.53% in 12 minutes with every block in every step; 8 blocks per step: +3.31%.
 CALIB_STEP_BLOCKS = 16
+# The step size of the layer's own q/o projections (which only adapt to the new keys and values), as a fraction of that
+# of the new k/v projections and HLC. A smaller one fits less of the calibration text's noise but adapts less: on
+# SmolLM2-135M banded, 0.5 gave +3.31% bits/byte at 3 -> 2 (0.25: +3.33%) against +3.58% at 1, but +21.69% at 3 -> 1
+# against +20.81%; so the default stays 1 and `mea compress --calib-qo-scale 0.5` is the choice for mild compression.
+CALIB_QO_SCALE = 1.0
 
 
 @dataclass(frozen=True)
 class CalibOptions:
-    """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS), each
-    comparing every `query_stride`-th position of at most `step_blocks` blocks."""
+    """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `qo_scale`
+    times that for the layer's q/o projections), each comparing every `query_stride`-th position of at most
+    `step_blocks` blocks."""
 
     steps: int = CALIB_STEPS
     query_stride: int = CALIB_QUERY_STRIDE
     step_blocks: int = CALIB_STEP_BLOCKS
     lr: float = CALIB_LR
+    qo_scale: float = CALIB_QO_SCALE
 
     def __post_init__(self):
         for name, minimum in (("steps", 0), ("query_stride", 1), ("step_blocks", 1)):
@@ -93,8 +100,10 @@ class CalibOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 kind = "a non-negative" if minimum == 0 else "a positive"
                 raise ValueError(f"calib_{name} must be {kind} integer, got {value!r}.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ValueError(f"calib_lr must be a positive number, got {self.lr!r}.")
+        for name in ("lr", "qo_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"calib_{name} must be a positive number, got {value!r}.")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -377,11 +386,13 @@ def attention_output_error(attn, inputs, targets) -> float:
     )
 
 
-def _refined_tensors(attn) -> list[nn.Parameter]:
-    """What calib's refinement moves: the new k/v projections and HLC, and the layer's q/o projections (they adapt
-    to the compressed keys and values; measured on SmolLM2-135M banded 3 -> 1: +22.1% bits/byte against +24.2%)."""
-    projections = (attn.k_proj, attn.v_proj, attn.q_proj, attn.o_proj)
-    return [tensor for proj in projections for tensor in proj.parameters()] + [attn.hlc_k, attn.hlc_v]
+def _refined_tensors(attn, qo_scale: float) -> list[tuple[nn.Parameter, float]]:
+    """What calib's refinement moves, each with its step-size scale: the new k/v projections and HLC (1), and the
+    layer's q/o projections (`qo_scale`: they adapt to the compressed keys and values; measured on SmolLM2-135M banded
+    3 -> 1 with q/o at the full step: +22.1% bits/byte against +24.2% for fixed q/o)."""
+    new = [*attn.k_proj.parameters(), *attn.v_proj.parameters(), attn.hlc_k, attn.hlc_v]
+    adapting = [*attn.q_proj.parameters(), *attn.o_proj.parameters()]
+    return [(tensor, 1.0) for tensor in new] + [(tensor, qo_scale) for tensor in adapting]
 
 
 def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = False) -> None:
@@ -432,18 +443,20 @@ def _set_error(attn, sets) -> float:
     return sum(attention_output_error(attn, inputs, targets) for inputs, targets in sets)
 
 
-def _refine(attn, sets, steps: int, lr: float, start_error: float) -> float:
-    """`steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
-    `sets[t % len(sets)]`, step sizes decayed from `lr` (times `_step_scale`) to 0 on a cosine. The result is
-    kept if its error over all sets is below `start_error` (the start's), else the start is restored.
-    Returns the error (sum of squares over all sets) of what is kept."""
-    tensors = _refined_tensors(attn)
+def _refine(attn, sets, options: CalibOptions, start_error: float) -> float:
+    """`options.steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
+    `sets[t % len(sets)]`, step sizes decayed from `options.lr` (times `_step_scale` and the tensor's scale) to 0 on a
+    cosine. The result is kept if its error over all sets is below `start_error` (the start's), else the start is
+    restored. Returns the error (sum of squares over all sets) of what is kept."""
+    steps = options.steps
+    tensors, scales = zip(*_refined_tensors(attn, options.qo_scale), strict=True)
     start = [t.detach().clone() for t in tensors]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
     value_maps = attn.hlc_v.dim() == 4
-    peaks = [lr * _step_scale(t, value_maps and t is attn.hlc_v) for t in tensors]
+    peaks = [options.lr * scale * _step_scale(t, value_maps and t is attn.hlc_v)
+             for t, scale in zip(tensors, scales, strict=True)]  # fmt: skip
     groups = [{"params": [t], "lr": peak} for t, peak in zip(tensors, peaks, strict=True)]
     optimizer = torch.optim.Adam(groups, fused=tensors[0].device.type in ("cpu", "cuda"))
     with torch.enable_grad():
@@ -496,7 +509,7 @@ def _calibrate_layer(
         setattr(attn, name, module)
     size = sum(target.numel() for _, targets in sets for target in targets)
     start_error = _set_error(attn, sets) if len(sets) > 1 else best_error
-    end_error = _refine(attn, sets, options.steps, options.lr, start_error) if options.steps else start_error
+    end_error = _refine(attn, sets, options, start_error) if options.steps else start_error
     return start_error / size, end_error / size
 
 
@@ -537,15 +550,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
-    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR,
+    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR, calib_qo_scale: float = CALIB_QO_SCALE,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer from a peak step size `calib_lr`, each comparing outputs at every `calib_query_stride`-th position of at
-    most `calib_step_blocks` blocks; `progress` shows a per-layer bar with the error). `composition="banded"`
+    layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections), each comparing
+    outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks; `progress` shows a per-layer bar with the error). `composition="banded"`
     first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
     d x d value maps. Layers not named keep their heads and weights;
     a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
@@ -559,7 +572,7 @@ def reduce_kv_heads(
     targets = _targets(model.config, num_component_heads, layers)
     if method == "calib":
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
-        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr)
+        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr, calib_qo_scale)
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
     check_composition(model.config, composition)
@@ -579,6 +592,7 @@ def reduce_kv_heads(
 
 __all__ = [
     "CALIB_LR",
+    "CALIB_QO_SCALE",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",

@@ -16,7 +16,13 @@ from transformers.masking_utils import create_causal_mask
 
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
-from mea_hf.compress.reduce import attention_output_error, effective_projection, reduce_kv_heads, virtual_keys_values
+from mea_hf.compress.reduce import (
+    CALIB_QO_SCALE,
+    attention_output_error,
+    effective_projection,
+    reduce_kv_heads,
+    virtual_keys_values,
+)
 from mea_hf.compress.sensitivity import kv_fraction_after, suggest_layers
 from mea_hf.convert import from_llama
 from mea_hf.hub import save_folder
@@ -122,6 +128,28 @@ def test_calib_keeps_its_start_when_the_refinement_makes_it_worse():
     )
     for name, tensor in start.state_dict().items():
         assert torch.equal(diverged.state_dict()[name], tensor), name
+
+
+def test_calib_qo_scale_sets_how_far_the_q_and_o_projections_move():
+    """The layer's own q/o projections move at `calib_qo_scale` of the new k/v projections' step size: a vanishing
+    scale leaves them where they were while k/v still move, the default moves them."""
+    model = make_model()
+    blocks = random_blocks()
+
+    def refined(qo_scale):
+        return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks,
+                               calib_steps=5, calib_qo_scale=qo_scale).model.layers[1].self_attn  # fmt: skip
+
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
+    start = start.model.layers[1].self_attn
+    original = model.model.layers[1].self_attn
+    frozen, moved = refined(1e-12), refined(CALIB_QO_SCALE)
+    for name in ("q_proj", "o_proj"):
+        weight = getattr(original, name).weight
+        assert torch.allclose(getattr(frozen, name).weight, weight, rtol=0, atol=1e-9), name
+        assert (getattr(moved, name).weight - weight).abs().max() > 1e-4, name
+    for attn in (frozen, moved):
+        assert (attn.k_proj.weight - start.k_proj.weight).abs().max() > 1e-4
 
 
 def test_calib_step_groups_cover_every_block_and_position_once():
@@ -232,6 +260,8 @@ def test_bad_arguments_raise_before_any_change():
     for bad in (0, -0.1, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="calib_lr"):
             reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_lr=bad)
+        with pytest.raises(ValueError, match="calib_qo_scale"):
+            reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_qo_scale=bad)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
@@ -395,6 +425,7 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-data", str(empty)], "empty"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-step-blocks", "0"], "calib_step_blocks"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-lr", "-1"], "calib_lr"),
+        (model + ["--kv-heads", "2", "--method", "calib", "--calib-qo-scale", "0"], "calib_qo_scale"),
         (["--model", str(llama_folder), "--kv-heads", "2"], "mea convert"),
         (["--model", str(tmp_path / "missing"), "--kv-heads", "2"], "no such folder"),
         (model + ["--budget", "0.75"], "--sensitivity"),
