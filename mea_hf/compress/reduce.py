@@ -78,7 +78,7 @@ CALIB_STEP_BLOCKS = 16
 # The step size of the layer's own q/o projections (which only adapt to the new keys and values), as a fraction of that
 # of the new k/v projections and HLC. A smaller one fits less of the calibration text's noise but adapts less: on
 # SmolLM2-135M banded, 0.5 gave +3.31% bits/byte at 3 -> 2 (0.25: +3.33%) against +3.58% at 1, but +21.69% at 3 -> 1
-# against +20.81%; so the default stays 1 and `mea compress --calib-qo-scale 0.5` is the choice for mild compression.
+# (2: +21.59%) against +20.81%; so the default stays 1 and `mea compress --calib-qo-scale 0.5` suits mild compression.
 CALIB_QO_SCALE = 1.0
 
 
