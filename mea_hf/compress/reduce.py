@@ -18,9 +18,10 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
   2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q/o projections
-     (which adapt to the compressed keys and values; `calib_qo_scale` scales their step size), minimising the squared error of the attention sub-layer
-     output (after softmax, head norm and o_proj) against the original model's residual stream after that
-     sub-layer minus the current one (so a layer also corrects the drift of the compressed layers before it).
+     (which adapt to the compressed keys and values; `calib_qo_scale` scales their step size), minimising the
+     squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
+     model's residual stream after that sub-layer minus the current one (so a layer also corrects the drift of the
+     compressed layers before it).
      Each step compares every `CALIB_QUERY_STRIDE`-th position, from an offset that moves by one each step, so the
      steps together fit every position at a fraction of the cost; with more calibration blocks than
      `CALIB_STEP_BLOCKS`, each step also takes only one group of that many blocks, the groups in turn (more text for
@@ -558,10 +559,10 @@ def reduce_kv_heads(
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
     layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections), each comparing
-    outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks; `progress` shows a per-layer bar with the error). `composition="banded"`
-    first rewrites a scalar-HLC model in banded form (exactly), so the reduced layers get per-RoPE-pair key weights and
-    d x d value maps. Layers not named keep their heads and weights;
-    a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
+    outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks; `progress` shows a
+    per-layer bar with the error). `composition="banded"` first rewrites a scalar-HLC model in banded form
+    (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. Layers not named keep their
+    heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
         raise ValueError(
