@@ -1,7 +1,7 @@
 """Serving benchmark: Llama vs MEA h'=h/2 and h/4 under continuous batching (`generate_batch`), same KV budget.
 
-Every row gets a paged cache of the same bytes (each of `--kv-mib`, a sweep of budgets; `num_blocks` is derived from the bytes one token takes in
-that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
+Every row gets a paged cache of the same bytes (each of `--kv-mib`, a sweep of budgets; `num_blocks` is derived from
+the bytes one token takes in that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
 all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
 - most sequences held at once: the largest number of requests in one forward of the engine, and the mean over
   forwards (a peak of a few requests moves in steps of one request; the mean is the steadier capacity measure);
@@ -16,9 +16,13 @@ attention) and the same model with MEA's per-sequence kernel (`mea_hf.paged_atte
 MEA rows use); ratios are to `--baseline` (default the latter: the same kernel, so the ratio is the architecture's)
 of the same run (JSON, PNG, Markdown table). The machine (CPU, vector flags; `mea_hf.utils.machine`) and the 1-minute
 load average before and after the run are recorded (the rows are timed on a CPU that may be shared).
+When the sweep also has the budget at which the baseline's pages hold as many tokens as a row's (Llama at 2B for MEA
+h/2 at B), a second table splits that row's speed ratio into what the extra capacity buys the baseline itself and the
+row's per-token difference at the same schedule (`same_capacity`).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
     python benchmarks/bench_serve.py --kv-mib 2 4 8 16 64 --repeats 5   # where MEA's saving stops paying
+    python benchmarks/bench_serve.py --kv-mib 4 8 16 32 --rows llama_per_sequence mea_half --repeats 3
 """
 
 import argparse
@@ -175,6 +179,50 @@ def add_ratios(results: dict, baseline: str) -> None:
             row[f"{key}_ratio"] = statistics.median(run[key] / ref[key] for run, ref in paired) if base else None
 
 
+def same_capacity(budgets: dict, baseline: str) -> list[dict]:
+    """Each row against the baseline run at the budget that gives it the same cache tokens (MEA h/2 at B against Llama
+    at 2B), where the sweep has one: whether the capacity columns agree, and the tokens/s ratio split into what the
+    extra capacity buys the baseline itself (baseline there / baseline here) and the row's per-token difference at the
+    same schedule (row / baseline there); their product is the row's ratio to the baseline at its own budget. Speed
+    ratios are medians of the per-repeat ratios, as in `add_ratios`."""
+
+    def ratio(runs, reference_runs) -> float:
+        return statistics.median(run["tokens_per_s"] / ref["tokens_per_s"]
+                                 for run, ref in zip(runs, reference_runs, strict=True))  # fmt: skip
+
+    capacity_keys = ("most_sequences_held", "mean_sequences_per_forward")
+    by_tokens = {results[baseline]["cache_tokens"]: budget
+                 for budget, results in budgets.items() if baseline in results}  # fmt: skip
+    pairs = []
+    for budget, results in budgets.items():
+        match = by_tokens.get(results.get(baseline, {}).get("cache_tokens"))  # baseline present at this budget
+        for name, row in results.items():
+            there_budget = by_tokens.get(row["cache_tokens"])
+            if name == baseline or match is None or there_budget in (None, budget):
+                continue
+            here, there = results[baseline], budgets[there_budget][baseline]
+            pairs.append({
+                "budget": budget, "row": name, "label": row["label"], "baseline_budget": there_budget,
+                "cache_tokens": row["cache_tokens"],
+                "same_capacity": all(row[key] == there[key] for key in capacity_keys),
+                "capacity_gain": ratio(there["runs"], here["runs"]),
+                "per_token": ratio(row["runs"], there["runs"]),
+                "tokens_per_s_ratio": row["tokens_per_s_ratio"],
+            })  # fmt: skip
+    return pairs
+
+
+def same_capacity_table(pairs: list[dict]) -> str:
+    """`same_capacity` as a Markdown table."""
+    header = ["KV MiB", "row", "cache tokens", "baseline at", "same sequences held",
+              "capacity: baseline there / here", "per token: row / baseline there", "row / baseline here"]  # fmt: skip
+    rows = [[p["budget"], p["label"], p["cache_tokens"], f"{p['baseline_budget']} MiB",
+             "yes" if p["same_capacity"] else "no", f"{p['capacity_gain']:.2f}x", f"{p['per_token']:.2f}x",
+             f"{p['tokens_per_s_ratio']:.2f}x"]
+            for p in pairs]  # fmt: skip
+    return markdown_table(header, rows)
+
+
 def table(budgets: dict) -> str:
     """One Markdown table: every row at every budget, ratios to the baseline at the same budget."""
     header = ["KV MiB", "row", "B/token in pages", "cache tokens", "most seqs held", "mean seqs/forward", "tokens/s",
@@ -245,14 +293,16 @@ def main(argv=None) -> int:
             result[key] = statistics.median(run[key] for run in measured)
     for results in budgets.values():
         add_ratios(results, args.baseline)
+    pairs = same_capacity(budgets, args.baseline)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"args": vars(args), "machine": machine, "load_average_1min": load,
-                                             "budgets": budgets})  # fmt: skip
-    atomic_write_text(out / "table.md", table(budgets) + "\n")
+                                             "budgets": budgets, "same_capacity": pairs})  # fmt: skip
+    tables = table(budgets) + ("\n\n" + same_capacity_table(pairs) if pairs else "")
+    atomic_write_text(out / "table.md", tables + "\n")
     plot(budgets, args.baseline, out / "serve.png")
-    print(table(budgets))
+    print(tables)
     print(f"{describe_machine(machine)}; 1-minute load average after: {load['after']:.2f}")
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'serve.png'}")
     return 0
