@@ -1,8 +1,9 @@
 """Serving benchmark: Llama vs MEA h'=h/2 and h/4 under continuous batching (`generate_batch`), same KV budget.
 
 Every row gets a paged cache of the same bytes (each of `--kv-mib`, a sweep of budgets; `num_blocks` is derived from
-the bytes one token takes in that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length requests (random prompts, seeded;
-all submitted at once, admitted by the scheduler as pages free up). Per row, in a fresh subprocess:
+the bytes one token takes in that row's pages, `mea_hf.cache_mea.paged_heads`) and the same stream of mixed-length
+requests (random prompts, seeded; all submitted at once, admitted by the scheduler as pages free up). Per row, in a
+fresh subprocess:
 - most sequences held at once: the largest number of requests in one forward of the engine, and the mean over
   forwards (a peak of a few requests moves in steps of one request; the mean is the steadier capacity measure);
 - generated tokens/s over the whole stream (wall clock, including prefills), and generated tokens per CPU-second of
@@ -195,10 +196,9 @@ def same_capacity(budgets: dict, baseline: str) -> list[dict]:
                  for budget, results in budgets.items() if baseline in results}  # fmt: skip
     pairs = []
     for budget, results in budgets.items():
-        match = by_tokens.get(results.get(baseline, {}).get("cache_tokens"))  # baseline present at this budget
         for name, row in results.items():
             there_budget = by_tokens.get(row["cache_tokens"])
-            if name == baseline or match is None or there_budget in (None, budget):
+            if name == baseline or baseline not in results or there_budget in (None, budget):
                 continue
             here, there = results[baseline], budgets[there_budget][baseline]
             pairs.append({
