@@ -168,16 +168,21 @@ def measure_row(row: str, args, kv_mib: float) -> dict:
 SPEED_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "rss_growth_mib")
 
 
+def median_ratio(runs: list[dict], reference_runs: list[dict], key: str) -> float:
+    """The median over repeats of run[key] / reference[key] (repeat i of both rows ran back to back, so a slow spell
+    of the machine hits both)."""
+    return statistics.median(run[key] / ref[key] for run, ref in zip(runs, reference_runs, strict=True))
+
+
 def add_ratios(results: dict, baseline: str) -> None:
     """Each row's ratios to the baseline row. Capacity columns are deterministic; a speed column's ratio is the median
-    of the per-repeat ratios (each repeat measures the rows back to back, so a slow spell of the machine hits both)."""
+    of the per-repeat ratios (`median_ratio`)."""
     base = results.get(baseline)
     for row in results.values():
         for key in ("cache_tokens", "most_sequences_held", "mean_sequences_per_forward"):
             row[f"{key}_ratio"] = row[key] / base[key] if base else None
         for key in SPEED_KEYS:
-            paired = zip(row["runs"], base["runs"], strict=True) if base else ()
-            row[f"{key}_ratio"] = statistics.median(run[key] / ref[key] for run, ref in paired) if base else None
+            row[f"{key}_ratio"] = median_ratio(row["runs"], base["runs"], key) if base else None
 
 
 def same_capacity(budgets: dict, baseline: str) -> list[dict]:
@@ -185,28 +190,26 @@ def same_capacity(budgets: dict, baseline: str) -> list[dict]:
     at 2B), where the sweep has one: whether both ran the same schedule (most and mean sequences, forwards), and the
     tokens/s ratio split into what the extra capacity buys the baseline itself (baseline there / baseline here) and
     the row's per-token difference at the same schedule (row / baseline there); their product is about the row's ratio
-    to the baseline at its own budget. Speed ratios are medians of the per-repeat ratios, as in `add_ratios`."""
-
-    def ratio(runs, reference_runs) -> float:
-        return statistics.median(run["tokens_per_s"] / ref["tokens_per_s"]
-                                 for run, ref in zip(runs, reference_runs, strict=True))  # fmt: skip
-
+    to the baseline at its own budget. Speed ratios are medians of the per-repeat ratios (`median_ratio`)."""
     schedule_keys = ("most_sequences_held", "mean_sequences_per_forward", "forwards")
     by_tokens = {results[baseline]["cache_tokens"]: budget
                  for budget, results in budgets.items() if baseline in results}  # fmt: skip
     pairs = []
     for budget, results in budgets.items():
+        if baseline not in results:
+            continue
+        here = results[baseline]
         for name, row in results.items():
             there_budget = by_tokens.get(row["cache_tokens"])
-            if name == baseline or baseline not in results or there_budget in (None, budget):
+            if name == baseline or there_budget in (None, budget):
                 continue
-            here, there = results[baseline], budgets[there_budget][baseline]
+            there = budgets[there_budget][baseline]
             pairs.append({
                 "budget": budget, "row": name, "label": row["label"], "baseline_budget": there_budget,
                 "cache_tokens": row["cache_tokens"],
                 "same_schedule": all(row[key] == there[key] for key in schedule_keys),
-                "capacity_gain": ratio(there["runs"], here["runs"]),
-                "per_token": ratio(row["runs"], there["runs"]),
+                "capacity_gain": median_ratio(there["runs"], here["runs"], "tokens_per_s"),
+                "per_token": median_ratio(row["runs"], there["runs"], "tokens_per_s"),
                 "tokens_per_s_ratio": row["tokens_per_s_ratio"],
             })  # fmt: skip
     return pairs
