@@ -443,8 +443,7 @@ class MEADecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
+        attention_output, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -453,7 +452,12 @@ class MEADecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
+        return self.after_attention(hidden_states, attention_output)
+
+    def after_attention(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input and its attention sub-layer's output: residual add, then the MLP with
+        its residual."""
+        hidden_states = hidden_states + attention_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 

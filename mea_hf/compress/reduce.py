@@ -381,10 +381,15 @@ def _attention_output(attn, normed: torch.Tensor, extras: dict) -> torch.Tensor:
 
 def attention_output_error(attn, inputs, targets) -> float:
     """Sum of squared differences between `attn`'s outputs on `inputs` [(normed, extras)] and `targets`."""
-    return sum(
-        (_attention_output(attn, normed, extras).double() - target.double()).pow(2).sum().item()
-        for (normed, extras), target in zip(inputs, targets, strict=True)
-    )
+    return _outputs_and_error(attn, inputs, targets)[1]
+
+
+def _outputs_and_error(attn, inputs, targets) -> tuple[list[torch.Tensor], float]:
+    """`attn`'s outputs on `inputs`, and `attention_output_error`."""
+    outputs = [_attention_output(attn, normed, extras) for normed, extras in inputs]
+    error = sum((output.double() - target.double()).pow(2).sum().item()
+                for output, target in zip(outputs, targets, strict=True))  # fmt: skip
+    return outputs, error
 
 
 def _refined_tensors(attn, qo_scale: float) -> list[tuple[nn.Parameter, float]]:
@@ -418,40 +423,39 @@ def _load(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             tensor.copy_(value)
 
 
-def _fitting_sets(layer, batches, originals, stride: int, step_batches: int) -> list[list[tuple[list, list]]]:
-    """Per group of `step_batches` batches, one (inputs, targets) pair per row offset (0 .. stride-1): together every
-    block and position once. For `attention_output_error`.
+def _fitting_sets(
+    layer, batches, originals, original_outputs, stride: int, step_batches: int
+) -> tuple[tuple[list, list], list]:
+    """What calib fits one layer to, for `attention_output_error`: (every block at every position, as one (inputs,
+    targets) pair; per group of `step_batches` batches, one (inputs, targets) pair per row offset (0 .. stride-1),
+    together every block and position once).
     The target is what the original model's residual stream holds after this attention sub-layer, minus the current
-    residual: the original layer's output on the original model's hidden states (`originals`) plus the drift the
-    compressed layers before it caused, which this layer then corrects where it can."""
-    attn, sets = layer.self_attn, []
-    normed = [(layer.input_layernorm(hidden), layer.input_layernorm(uncompressed))
-              for (hidden, _), uncompressed in zip(batches, originals, strict=True)]  # fmt: skip
-    for offset in range(min(stride, batches[0][0].shape[1])):
-        inputs, targets = [], []
-        for (hidden, extras), uncompressed, (current, original) in zip(batches, originals, normed, strict=True):
-            rows = _fitting_rows(hidden.shape[1], hidden.device, stride, offset)
-            inputs.append(_fitting_inputs(attn, current, extras, stride, offset))
-            original_output = _attention_output(attn, *_fitting_inputs(attn, original, extras, stride, offset))
-            targets.append(uncompressed[:, rows] + original_output - hidden[:, rows])
-        sets.append((inputs, targets))
-    return [[(inputs[group : group + step_batches], targets[group : group + step_batches]) for inputs, targets in sets]
-            for group in range(0, len(batches), step_batches)]  # fmt: skip
+    residual: the original layer's output on the original model's hidden states (`originals`, `original_outputs`)
+    plus the drift the compressed layers before it caused, which this layer then corrects where it can."""
+    attn, inputs, targets = layer.self_attn, [], []
+    for (hidden, extras), uncompressed, original_output in zip(batches, originals, original_outputs, strict=True):
+        inputs.append((layer.input_layernorm(hidden), extras))
+        targets.append(uncompressed + original_output - hidden)
+    groups = []
+    for group in range(0, len(batches), step_batches):
+        group_sets = []
+        for offset in range(min(stride, batches[0][0].shape[1])):
+            rows = _fitting_rows(batches[0][0].shape[1], batches[0][0].device, stride, offset)
+            group_sets.append(([_fitting_inputs(attn, normed, extras, stride, offset)
+                                for normed, extras in inputs[group : group + step_batches]],
+                               [target[:, rows] for target in targets[group : group + step_batches]]))  # fmt: skip
+        groups.append(group_sets)
+    return (inputs, targets), groups
 
 
-def _set_error(attn, sets) -> float:
-    """`attention_output_error` summed over the sets of `_fitting_sets`, i.e. over every position."""
-    return sum(attention_output_error(attn, inputs, targets) for inputs, targets in sets)
-
-
-def _refine(attn, sets, options: CalibOptions, start_error: float) -> float:
+def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list, float]) -> tuple[list, float]:
     """`options.steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
     `sets[t % len(sets)]`, step sizes decayed from `options.lr` (times `_step_scale` and the tensor's scale) to 0 on a
-    cosine. The result is kept if its error over all sets is below `start_error` (the start's), else the start is
-    restored. Returns the error (sum of squares over all sets) of what is kept."""
+    cosine. The result is kept if its error on `every_position` (inputs, targets) is below the start's (`start`: its
+    outputs there and error), else the start is restored. Returns the outputs and error of what is kept."""
     steps = options.steps
     tensors, scales = zip(*_refined_tensors(attn, options.qo_scale), strict=True)
-    start = [t.detach().clone() for t in tensors]
+    start_values = [t.detach().clone() for t in tensors]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -473,24 +477,28 @@ def _refine(attn, sets, options: CalibOptions, start_error: float) -> float:
         tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    error = _set_error(attn, sets)
-    if error >= start_error:
-        _load(tensors, start)
-    return min(error, start_error)
+    outputs, error = _outputs_and_error(attn, *every_position)
+    if error >= start[1]:
+        _load(tensors, start_values)
+        return start
+    return outputs, error
 
 
 def _calibrate_layer(
-    layer, heads: int, batches, originals, options: CalibOptions, step_batches: int
-) -> tuple[float, float]:
+    layer, heads: int, batches, originals, original_outputs, options: CalibOptions, step_batches: int
+) -> tuple[float, float, list[torch.Tensor]]:
     """Compress one layer by calibration (module docstring): the best start of svd, PCA and (banded) metric-weighted
     PCA (judged on the first set's rows), then refinement, against the targets of `_fitting_sets`. Returns the
-    attention-output mean squared error over all positions and blocks at the start and at the end."""
+    attention-output mean squared error over all positions and blocks at the start and at the end, and the compressed
+    layer's attention outputs on `batches`."""
     attn = layer.self_attn
-    groups = _fitting_sets(layer, batches, originals, options.query_stride, step_batches)
+    every_position, groups = _fitting_sets(
+        layer, batches, originals, original_outputs, options.query_stride, step_batches
+    )
     sets = [fitting_set for group in groups for fitting_set in group]  # the steps' order: offsets vary fastest
     inputs = sets[0][0]  # the sets of one group hold the same normed inputs (keys and values of all positions)
     stats = _LayerStats(attn)
-    for normed, _ in (group_inputs for group in groups for group_inputs in group[0][0]):
+    for normed, _ in every_position[0]:
         stats.add(normed)
     starts = [lambda: _pca_start(attn, heads, inputs, stats)]
     if not attn.config.qk_norm:
@@ -508,10 +516,10 @@ def _calibrate_layer(
             best, best_error = {name: getattr(attn, name) for name in names}, error
     for name, module in best.items():
         setattr(attn, name, module)
-    size = sum(target.numel() for _, targets in sets for target in targets)
-    start_error = _set_error(attn, sets) if len(sets) > 1 else best_error
-    end_error = _refine(attn, sets, options, start_error) if options.steps else start_error
-    return start_error / size, end_error / size
+    size = sum(target.numel() for target in every_position[1])
+    start = _outputs_and_error(attn, *every_position)
+    outputs, end_error = _refine(attn, sets, every_position, options, start) if options.steps else start
+    return start[1] / size, end_error / size, outputs
 
 
 def _compress_calib(
@@ -529,13 +537,20 @@ def _compress_calib(
     layers = model.model.layers[: max(targets) + 1]
     bar = tqdm(total=len(layers), desc="calib layers", unit="layer", disable=not progress)
     for index, layer in enumerate(layers):
-        next_originals = [layer(hidden, **extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
+        original_outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
+                            for hidden, (_, extras) in zip(originals, batches, strict=True)]  # fmt: skip
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
-            start, end = _calibrate_layer(layer, targets[index], batches, originals, options, step_batches)
+            start, end, outputs = _calibrate_layer(
+                layer, targets[index], batches, originals, original_outputs, options, step_batches
+            )
             _set_heads(model, index, targets[index])
             bar.set_postfix(layer=index, mse=f"{end:.3g}", start=f"{start:.3g}", ratio=f"{end / start:.2f}")
-        batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
-        originals = next_originals
+            batches = [(layer.after_attention(hidden, output), extras)
+                       for (hidden, extras), output in zip(batches, outputs, strict=True)]  # fmt: skip
+        else:
+            batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
+        originals = [layer.after_attention(hidden, output)
+                     for hidden, output in zip(originals, original_outputs, strict=True)]  # fmt: skip
         bar.update(1)
     bar.close()
 

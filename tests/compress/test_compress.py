@@ -154,7 +154,8 @@ def test_calib_qo_scale_sets_how_far_the_q_and_o_projections_move():
 
 def test_calib_step_groups_cover_every_block_and_position_once():
     """With more blocks than `calib_step_blocks`, each fitting set holds at most that many blocks, and the sets of all
-    groups and offsets together hold every (block, position) target of the layer exactly once."""
+    groups and offsets together hold every (block, position) target of the layer exactly once; the every-position pair
+    (for the error checks) holds them all, in block order."""
     from mea_hf.compress.reduce import _attention_output, _fitting_sets, _layer_inputs
 
     model = make_model(num_component_heads=2)
@@ -162,9 +163,11 @@ def test_calib_step_groups_cover_every_block_and_position_once():
     blocks = random_blocks(n=5, length=11)
     with torch.no_grad():
         batches = list(_layer_inputs(model, blocks, batch_size=2))
-        groups = _fitting_sets(layer, batches, [hidden for hidden, _ in batches], 3, step_batches=2)
-        full = torch.cat([_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
-                          for hidden, extras in batches])  # fmt: skip
+        outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
+                   for hidden, extras in batches]  # fmt: skip
+        (_, every_target), groups = _fitting_sets(layer, batches, [hidden for hidden, _ in batches], outputs, 3, 2)
+        full = torch.cat(outputs)
+    torch.testing.assert_close(torch.cat(every_target), full, atol=1e-5, rtol=0)
     assert [len(group) for group in groups] == [3, 3]  # 3 batches (2 + 2 + 1 blocks) in groups of 2 batches
     seen, first_block = torch.zeros(full.shape[:2], dtype=torch.long), 0
     for group in groups:
