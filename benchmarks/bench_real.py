@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_LR, CALIB_QO_SCALE, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
+from mea_hf.compress import CALIB_BLOCKS, CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, is_validation
 from mea_hf.data.loading import pack_blocks
@@ -53,13 +53,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="a converted MEA folder of SmolLM2-135M-Instruct (default: fetch + convert)")
     parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS)
     parser.add_argument("--calib-steps", type=int, default=CALIB_STEPS)
     parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
                         help="calib compares outputs at every N-th position")  # fmt: skip
     parser.add_argument("--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS, help="blocks per refinement step")
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
-    parser.add_argument("--calib-qo-scale", type=float, default=CALIB_QO_SCALE, help="q/o step size, a fraction")
+    parser.add_argument("--calib-qo-scale", type=float, help="q/o step size, a fraction (default: by the cut)")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from ..compress.reduce import (
+    CALIB_BLOCKS,
     CALIB_LR,
-    CALIB_QO_SCALE,
     CALIB_QUERY_STRIDE,
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
@@ -19,7 +19,6 @@ from ..data.loading import token_blocks
 from ..hub.folders import check_model_folder, load_folder
 from ..utils.atomic import check_output_dir
 
-DEFAULT_CALIB_BLOCKS = 16
 DEFAULT_CALIB_BLOCK_SIZE = 256
 
 
@@ -42,7 +41,7 @@ def add_arguments(parser) -> None:
         "default: the model's own (scalar for converted models)",
     )  # fmt: skip
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
-    parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="calibration blocks (calib)")
+    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS, help="calibration blocks (calib)")
     parser.add_argument(
         "--calib-steps", type=int, default=CALIB_STEPS, help="refinement steps per layer (calib; 0: best start only)"
     )
@@ -59,8 +58,9 @@ def add_arguments(parser) -> None:
         help="peak refinement step size, a fraction of each tensor's RMS (calib; model-dependent)",
     )  # fmt: skip
     parser.add_argument(
-        "--calib-qo-scale", type=float, default=CALIB_QO_SCALE,
-        help="step size of the layer's q/o projections, as a fraction of the new k/v projections' (calib)",
+        "--calib-qo-scale", type=float,
+        help="step size of the layer's q/o projections, as a fraction of the new k/v projections' (calib; default: "
+        "0.5 for layers keeping at least half their KV heads, else 1)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

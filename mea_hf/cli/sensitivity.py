@@ -4,7 +4,7 @@ a KV budget (the library side is `mea_hf.compress.sensitivity`)."""
 import math
 from pathlib import Path
 
-from ..compress.reduce import METHODS
+from ..compress.reduce import CALIB_BLOCKS, METHODS
 from ..compress.sensitivity import (
     PLOT_NAME,
     REPORT_NAME,
@@ -16,7 +16,7 @@ from ..compress.sensitivity import (
 from ..data.loading import token_blocks
 from ..hub.folders import check_model_folder, load_folder
 from ..utils.atomic import atomic_dir, atomic_write_json, check_output_dir
-from .compress import DEFAULT_CALIB_BLOCK_SIZE, DEFAULT_CALIB_BLOCKS, check_kv_heads
+from .compress import DEFAULT_CALIB_BLOCK_SIZE, check_kv_heads
 
 
 def add_arguments(parser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default="builtin", help="'builtin' or a .txt/.jsonl file/folder (validation split)")
     parser.add_argument("--val-blocks", type=int, default=16, help="held-out blocks the loss is measured on")
     parser.add_argument("--block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE)
-    parser.add_argument("--calib-blocks", type=int, default=DEFAULT_CALIB_BLOCKS, help="train-split blocks (calib)")
+    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS, help="train-split blocks (calib)")
     parser.add_argument("--budget", type=float, default=0.75, help="KV fraction the suggested layer set reaches")
     parser.add_argument("--out", required=True, help="output folder for sensitivity.json and sensitivity.png")
     parser.add_argument("--overwrite", action="store_true")

@@ -2,24 +2,30 @@
 choosing which layers to compress (`sensitivity.py`)."""
 
 from .reduce import (
+    CALIB_BLOCKS,
     CALIB_LR,
-    CALIB_QO_SCALE,
+    CALIB_QO_SCALE_HARSH,
+    CALIB_QO_SCALE_MILD,
     CALIB_QUERY_STRIDE,
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
     METHODS,
+    calib_qo_scale_for,
     parse_layers,
     reduce_kv_heads,
 )
 from .sensitivity import layer_sensitivity, read_report, suggest_layers
 
 __all__ = [
+    "CALIB_BLOCKS",
     "CALIB_LR",
-    "CALIB_QO_SCALE",
+    "CALIB_QO_SCALE_HARSH",
+    "CALIB_QO_SCALE_MILD",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",
     "METHODS",
+    "calib_qo_scale_for",
     "layer_sensitivity",
     "parse_layers",
     "read_report",

@@ -45,7 +45,7 @@ Exact and approximate:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,11 @@ from . import factors
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
+# How many calibration blocks (of 256 tokens, say) `mea compress` and the benchmarks take by default. On SmolLM2-135M
+# banded 3 -> 2 (with `calib_qo_scale_for`'s scale), 16 / 32 / 40 / 48 blocks gave +3.31-3.57% / +3.10-3.36% / +2.98% /
+# +2.73% bits/byte, the 30 layers taking 145 / 166 / 171 / 193 s on one idle 2-core machine: 40 is the most that keeps
+# the 3 -> 2 fit under 3 minutes there (only the start, its checks and the forward passes grow with the blocks).
+CALIB_BLOCKS = 40
 # Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of the 30 layers
 # of SmolLM2-135M under 3 minutes on one 2-core machine (3 -> 2: 171 s, against 185 s for the earlier 50 steps with
 # early stopping, on the same idle machine; +3.57% bits/byte against +4.08%); an AVX2-only 2-core machine took 477 s.
@@ -77,23 +82,31 @@ CALIB_LR = 0.018
 # bits/byte in 254 s against +2.53% in 12 minutes with every block in every step; 8 blocks per step: +3.31%.
 CALIB_STEP_BLOCKS = 16
 # The step size of the layer's own q/o projections (which only adapt to the new keys and values), as a fraction of that
-# of the new k/v projections and HLC. A smaller one fits less of the calibration text's noise but adapts less: on
-# SmolLM2-135M banded, 0.5 gave +3.31% bits/byte at 3 -> 2 (0.25: +3.33%) against +3.58% at 1, but +21.69% at 3 -> 1
-# (2: +21.59%) against +20.81%; so the default stays 1 and `mea compress --calib-qo-scale 0.5` suits mild compression.
-CALIB_QO_SCALE = 1.0
+# of the new k/v projections and HLC, by default set by how much of its KV a layer keeps (`calib_qo_scale_for`). A
+# smaller one fits less of the calibration text's noise but adapts less, which suits mild compression only: on
+# SmolLM2-135M banded with 40 calibration blocks, 3 -> 2 gave +2.98% bits/byte at 0.5 against +3.15% at 1, and 3 -> 1
+# +19.58% at 1 against +20.74% at 0.5 (16 blocks: +3.31% / +3.58% and +20.81% / +21.69%; 0.25 and 2 were no better).
+CALIB_QO_SCALE_MILD = 0.5
+CALIB_QO_SCALE_HARSH = 1.0
+
+
+def calib_qo_scale_for(heads: int, kv_heads: int) -> float:
+    """calib's default q/o step-size scale for a layer cut from `kv_heads` to `heads` component heads:
+    `CALIB_QO_SCALE_MILD` if it keeps at least half of them, else `CALIB_QO_SCALE_HARSH`."""
+    return CALIB_QO_SCALE_MILD if 2 * heads >= kv_heads else CALIB_QO_SCALE_HARSH
 
 
 @dataclass(frozen=True)
 class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `qo_scale`
-    times that for the layer's q/o projections), each comparing every `query_stride`-th position of at most
-    `step_blocks` blocks."""
+    times that for the layer's q/o projections, None: `calib_qo_scale_for` the layer), each comparing every
+    `query_stride`-th position of at most `step_blocks` blocks."""
 
     steps: int = CALIB_STEPS
     query_stride: int = CALIB_QUERY_STRIDE
     step_blocks: int = CALIB_STEP_BLOCKS
     lr: float = CALIB_LR
-    qo_scale: float = CALIB_QO_SCALE
+    qo_scale: float | None = None
 
     def __post_init__(self):
         for name, minimum in (("steps", 0), ("query_stride", 1), ("step_blocks", 1)):
@@ -103,6 +116,8 @@ class CalibOptions:
                 raise ValueError(f"calib_{name} must be {kind} integer, got {value!r}.")
         for name in ("lr", "qo_scale"):
             value = getattr(self, name)
+            if name == "qo_scale" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"calib_{name} must be a positive number, got {value!r}.")
 
@@ -492,6 +507,8 @@ def _calibrate_layer(
     attention-output mean squared error over all positions and blocks at the start and at the end, and the compressed
     layer's attention outputs on `batches`."""
     attn = layer.self_attn
+    if options.qo_scale is None:
+        options = replace(options, qo_scale=calib_qo_scale_for(heads, attn.num_kv_heads))
     every_position, groups = _fitting_sets(
         layer, batches, originals, original_outputs, options.query_stride, step_batches
     )
@@ -566,14 +583,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
-    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR, calib_qo_scale: float = CALIB_QO_SCALE,
+    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR, calib_qo_scale: float | None = None,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections), each comparing
+    layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections; None:
+    `calib_qo_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks; `progress` shows a
     per-layer bar with the error). `composition="banded"` first rewrites a scalar-HLC model in banded form
     (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. Layers not named keep their
@@ -607,13 +625,16 @@ def reduce_kv_heads(
 
 
 __all__ = [
+    "CALIB_BLOCKS",
     "CALIB_LR",
-    "CALIB_QO_SCALE",
+    "CALIB_QO_SCALE_HARSH",
+    "CALIB_QO_SCALE_MILD",
     "CALIB_QUERY_STRIDE",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",
     "METHODS",
     "attention_output_error",
+    "calib_qo_scale_for",
     "check_composition",
     "effective_projection",
     "parse_layers",

@@ -17,8 +17,10 @@ from transformers.masking_utils import create_causal_mask
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import (
-    CALIB_QO_SCALE,
+    CALIB_QO_SCALE_HARSH,
+    CALIB_QO_SCALE_MILD,
     attention_output_error,
+    calib_qo_scale_for,
     effective_projection,
     reduce_kv_heads,
     virtual_keys_values,
@@ -143,13 +145,34 @@ def test_calib_qo_scale_sets_how_far_the_q_and_o_projections_move():
     start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
     start = start.model.layers[1].self_attn
     original = model.model.layers[1].self_attn
-    frozen, moved = refined(1e-12), refined(CALIB_QO_SCALE)
+    frozen, moved = refined(1e-12), refined(None)
     for name in ("q_proj", "o_proj"):
         weight = getattr(original, name).weight
         assert torch.allclose(getattr(frozen, name).weight, weight, rtol=0, atol=1e-9), name
         assert (getattr(moved, name).weight - weight).abs().max() > 1e-4, name
     for attn in (frozen, moved):
         assert (attn.k_proj.weight - start.k_proj.weight).abs().max() > 1e-4
+
+
+def test_calib_default_qo_scale_follows_each_layers_cut():
+    """With no `calib_qo_scale`, a layer keeping at least half its KV heads refines q/o at `CALIB_QO_SCALE_MILD`, a
+    harsher cut at `CALIB_QO_SCALE_HARSH`: the default gives exactly what the explicit scale gives (4 -> 2 and
+    4 -> 1), and differs from the other scale."""
+    assert (calib_qo_scale_for(2, 4), calib_qo_scale_for(2, 3), calib_qo_scale_for(1, 3)) == (
+        CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_HARSH
+    )  # fmt: skip
+    assert CALIB_QO_SCALE_MILD != CALIB_QO_SCALE_HARSH
+    model, blocks = make_model(), random_blocks()
+
+    def q_weight(heads, qo_scale):
+        compressed = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="calib", calib_blocks=blocks,
+                                     calib_steps=5, calib_qo_scale=qo_scale)  # fmt: skip
+        return compressed.model.layers[1].self_attn.q_proj.weight
+
+    for heads, chosen, other in ((2, CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_HARSH), (1, CALIB_QO_SCALE_HARSH, CALIB_QO_SCALE_MILD)):
+        default = q_weight(heads, None)
+        assert torch.equal(default, q_weight(heads, chosen)), heads
+        assert not torch.equal(default, q_weight(heads, other)), heads
 
 
 def test_calib_step_groups_cover_every_block_and_position_once():
