@@ -58,8 +58,8 @@ from . import factors
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
 # How many calibration blocks (of 256 tokens, say) `mea compress` and the benchmarks take by default. On SmolLM2-135M
-# banded 3 -> 2 (with `calib_qo_scale_for`'s scale), 16 / 32 / 40 / 48 blocks gave +3.31-3.57% / +3.10-3.36% / +2.98% /
-# +2.73% bits/byte, the 30 layers taking 145 / 166 / 171 / 193 s on one idle 2-core machine: 40 is the most that keeps
+# banded 3 -> 2, bits/byte at q/o scale 1 (and 0.5): 16 blocks +3.57% (+3.31%), 32 +3.36% (+3.10%), 40 +3.15% (+2.98%),
+# 48 +2.73%; the 30 layers took 145 / 166 / 176 (171) / 193 s on one idle 2-core machine, so 40 is the most that keeps
 # the 3 -> 2 fit under 3 minutes there (only the start, its checks and the forward passes grow with the blocks).
 CALIB_BLOCKS = 40
 # Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of the 30 layers
