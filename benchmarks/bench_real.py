@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
     parser.add_argument("--distill-kv-heads", help="the --kv-heads targets to distill, comma-separated (default: all)")
     parser.add_argument("--distill-lr", type=float, default=2e-4)
+    parser.add_argument("--distill-bf16", action="store_true",
+                        help="bf16 autocast for student and teacher (1.8x faster on a CPU with AVX512-BF16)")
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
@@ -147,7 +149,7 @@ def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
     return train({
         "model": None, "init_from": str(student), "teacher": str(teacher), "train_only": "attention",
         "data": str(data), "block_size": args.block_size, "batch_size": 8, "max_tokens": args.distill_tokens,
-        "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr,
+        "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr, "bf16": args.distill_bf16,
         "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
         "cache_dir": str(out.parent / "cache"),
     })  # fmt: skip

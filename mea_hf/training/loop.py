@@ -205,7 +205,7 @@ def _loss(run: _Run, input_ids: torch.Tensor) -> torch.Tensor:
         return run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     lm = s.distill_alpha < 1
     output = run.model(input_ids=input_ids, labels=input_ids if lm else None, use_cache=False)
-    with torch.no_grad():
+    with torch.no_grad(), run.accelerator.autocast():  # the teacher in the student's precision (bf16 if asked)
         teacher_logits = run.teacher(input_ids=input_ids, use_cache=False).logits
     loss = s.distill_alpha * distillation_loss(output.logits, teacher_logits, s.distill_temperature)
     return loss + (1 - s.distill_alpha) * output.loss if lm else loss

@@ -53,6 +53,14 @@ def test_teacher_equal_to_student_gives_zero_kl_loss(folders, tmp_path):
     assert not checkpoint_dirs(tmp_path / "run")  # save_every 0: no checkpoints, only final/
 
 
+def test_bf16_runs_the_teacher_in_the_students_precision(folders, tmp_path):
+    # Teacher = student, both under bf16 autocast: the same logits, zero loss. A float32 teacher against the bf16
+    # student would leave bf16 rounding in the loss (8e-6 here).
+    summary = train(_settings(folders, tmp_path, teacher=str(folders / "student"), max_steps=2, lr=1e-12, bf16=True))
+    losses = [record["loss"] for record in read_metrics(summary["out_dir"]) if "loss" in record]
+    assert len(losses) == 2 and max(abs(loss) for loss in losses) < 1e-7
+
+
 def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, tokenizer):
     summary = train(_settings(folders, tmp_path))
     held_out = cached_blocks(tokenizer, "builtin", "validation", 32)[4:12]  # not the 4 blocks training evaluated
