@@ -68,7 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--distill-kv-heads", help="the --kv-heads targets to distill, comma-separated (default: all)")
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--distill-bf16", action="store_true",
-                        help="bf16 autocast for student and teacher (1.8x faster on a CPU with AVX512-BF16)")
+                        help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
