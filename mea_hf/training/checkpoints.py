@@ -79,12 +79,20 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def loss_curves(records: list[dict]) -> dict[str, tuple[list, list]]:
+    """(steps, values) per curve of a run's metrics: the training loss (the distillation loss with a teacher), the
+    validation LM loss and, when distilling, the validation KL to the teacher; non-finite values become gaps."""
+    curves = {}
+    for name, key in (("train", "loss"), ("validation", "val_loss"), ("validation KL to teacher", "val_kl")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            curves[name] = ([step for step, _ in points],
+                            [v if v is not None and math.isfinite(v) else None for _, v in points])  # fmt: skip
+    return curves
+
+
 def plot_loss_curve(out: Path) -> Path:
     from ..utils.plots import line_plot
 
-    records = read_metrics(out)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    series = {name: ([s for s, _ in pts], [v if v is not None and math.isfinite(v) else None for _, v in pts])
-              for name, pts in (("train", train), ("validation", val)) if pts}  # fmt: skip
-    return line_plot(out / "loss_curve.png", series, "optimizer step", "loss (nats/token)", title=str(out.name))
+    return line_plot(out / "loss_curve.png", loss_curves(read_metrics(out)), "optimizer step", "loss (nats/token)",
+                     title=str(out.name))  # fmt: skip

@@ -10,7 +10,7 @@ metrics log, a loss-curve PNG and a final Hub-ready folder (weights, tokenizer, 
 `_finish` (final evaluation, summary, outputs). Output folder layout (`out`):
     metrics.jsonl            one JSON record per optimizer step ("loss") and per evaluation ("val_loss")
     checkpoints/step-N/      accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
-    loss_curve.png           training and validation loss against step
+    loss_curve.png           training and validation loss (and KL to a teacher) against step
     final/                   the trained model, loadable with AutoModelForCausalLM (MEA: trust_remote_code works too)
     summary.json             what `train()` returns
 """

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from mea_hf.cli import main as cli_main
 from mea_hf.data.loading import cached_blocks
 from mea_hf.hub import save_folder
-from mea_hf.training.checkpoints import checkpoint_dirs, read_metrics
+from mea_hf.training.checkpoints import checkpoint_dirs, loss_curves, read_metrics
 from mea_hf.training.distill import distillation_loss, mean_kl
 from mea_hf.training.loop import train
 from mea_hf.training.settings import TrainSettings
@@ -70,6 +70,8 @@ def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, to
     assert after < 0.8 * before
     kls = [record["val_kl"] for record in read_metrics(summary["out_dir"]) if "val_kl" in record]
     assert len(kls) == 2 and kls[-1] < kls[0]
+    curves = loss_curves(read_metrics(summary["out_dir"]))  # loss_curve.png plots the KL beside the losses
+    assert curves["validation KL to teacher"] == ([0, 6], kls) and len(curves["train"][0]) == 6
 
 
 def test_mixed_loss_and_temperature_train(folders, tmp_path):
