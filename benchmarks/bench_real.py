@@ -54,10 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS)
-    parser.add_argument("--calib-steps", type=int, default=CALIB_STEPS)
+    parser.add_argument("--calib-steps", type=int, help=f"default by composition: {CALIB_STEPS}")
     parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
                         help="calib compares outputs at every N-th position")  # fmt: skip
-    parser.add_argument("--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS, help="blocks per refinement step")
+    parser.add_argument("--calib-step-blocks", type=int,
+                        help=f"blocks per refinement step (default by composition: {CALIB_STEP_BLOCKS})")  # fmt: skip
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
     parser.add_argument("--calib-qo-scale", type=float, help="q/o step size, a fraction (default: by the cut)")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])

@@ -43,15 +43,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
     parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS, help="calibration blocks (calib)")
     parser.add_argument(
-        "--calib-steps", type=int, default=CALIB_STEPS, help="refinement steps per layer (calib; 0: best start only)"
+        "--calib-steps", type=int,
+        help=f"refinement steps per layer (calib; 0: best start only; default by composition: {CALIB_STEPS})",
     )
     parser.add_argument(
         "--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
         help="compare outputs at every N-th position (calib; smaller: better fit, slower)",
     )  # fmt: skip
     parser.add_argument(
-        "--calib-step-blocks", type=int, default=CALIB_STEP_BLOCKS,
-        help="blocks fitted per refinement step, a group in turn (calib; more: better fit, slower)",
+        "--calib-step-blocks", type=int,
+        help="blocks fitted per refinement step, a group in turn (calib; more: better fit, slower; default by "
+        f"composition: {CALIB_STEP_BLOCKS})",
     )  # fmt: skip
     parser.add_argument(
         "--calib-lr", type=float, default=CALIB_LR,

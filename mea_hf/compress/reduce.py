@@ -58,14 +58,19 @@ from . import factors
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
 # How many calibration blocks (of 256 tokens, say) `mea compress` and the benchmarks take by default. On SmolLM2-135M
-# banded 3 -> 2, bits/byte at q/o scale 1 (and 0.5): 16 blocks +3.57% (+3.31%), 32 +3.36% (+3.10%), 40 +3.15% (+2.98%),
-# 48 +2.73%; the 30 layers took 145 / 166 / 176 (171) / 193 s on one idle 2-core machine, so 40 is the most that keeps
-# the 3 -> 2 fit under 3 minutes there (only the start, its checks and the forward passes grow with the blocks).
+# banded 3 -> 2 with the then 45 steps of 16 blocks, bits/byte at q/o scale 1 (and 0.5): 16 blocks +3.57% (+3.31%), 32
+# +3.36% (+3.10%), 40 +3.15% (+2.98%), 48 +2.73%; the 30 layers took 145 / 166 / 176 (171) / 193 s on one idle 2-core
+# machine (only the start, its checks and the forward passes grow with the blocks). Fewer blocks for more steps did
+# not pay at 3 -> 1: 32 blocks with 330 steps of 2 gave +15.5% in 180 s, 40 blocks with 300 steps of 2 +15.4% in 197 s.
 CALIB_BLOCKS = 40
-# Every step costs the same (no early stop: the step sizes follow a fixed cosine). 45 keep banded calib of the 30 layers
-# of SmolLM2-135M under 3 minutes on one 2-core machine (3 -> 2: 171 s, against 185 s for the earlier 50 steps with
-# early stopping, on the same idle machine; +3.57% bits/byte against +4.08%); an AVX2-only 2-core machine took 477 s.
-CALIB_STEPS = 45
+# Refinement steps per layer, by composition. Every step costs the same (no early stop: the step sizes follow a fixed
+# cosine). Banded: with `CALIB_STEP_BLOCKS` blocks a step, 128 keep banded calib of the 30 layers of SmolLM2-135M under 3 minutes on one idle 2-core AVX-512 machine (3 -> 2 in
+# 175 s, 3 -> 1 in 160 s, load, compression and save). Smaller, more numerous steps are what 3 -> 1 wants (bits/byte
+# against the converted model; 40 blocks; seconds of the compression alone): 45 steps of 16 blocks +19.6% (170 s), 90 of
+# 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
+# Scalar HLC keeps the earlier 45 steps of 16 blocks: 128 of 4 made scalar calib worse (3 -> 2 +28.9% against +25.0%,
+# 3 -> 1 +207% against +81.6%).
+CALIB_STEPS = {"scalar": 45, "banded": 128}
 # Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
 # position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
 # rows were still fixed (before q/o were refined): +4.24% bits/byte against +3.71% comparing every position
@@ -78,9 +83,10 @@ CALIB_QUERY_STRIDE = 4
 # start is far off, wants 0.06 and more steps (`mea_hf.recipes.quickstart`).
 CALIB_LR = 0.018
 # Each refinement step fits at most this many calibration blocks (whole batches of `CALIB_BATCH`), a group in turn; the
-# start, its error and the final check still use every block. With 64 blocks on SmolLM2-135M banded 3 -> 2: +2.64%
-# bits/byte in 254 s against +2.53% in 12 minutes with every block in every step; 8 blocks per step: +3.31%.
-CALIB_STEP_BLOCKS = 16
+# start, its error and the final check still use every block. A step of 4 blocks costs about a third of one of 16, so
+# the 3-minute budget buys 128 steps instead of 45: on SmolLM2-135M banded, +2.70% bits/byte at 3 -> 2 (was +2.98%) and
+# +16.8% at 3 -> 1 (was +19.6%). Scalar HLC keeps 16 (above).
+CALIB_STEP_BLOCKS = {"scalar": 16, "banded": 4}
 # The step size of the layer's own q/o projections (which only adapt to the new keys and values), as a fraction of that
 # of the new k/v projections and HLC, by default set by how much of its KV a layer keeps (`calib_qo_scale_for`). A
 # smaller one fits less of the calibration text's noise but adapts less, which suits mild compression only: on
@@ -100,17 +106,26 @@ def calib_qo_scale_for(heads: int, kv_heads: int) -> float:
 class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `qo_scale`
     times that for the layer's q/o projections, None: `calib_qo_scale_for` the layer), each comparing every
-    `query_stride`-th position of at most `step_blocks` blocks."""
+    `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
+    of the model's composition (`for_composition`)."""
 
-    steps: int = CALIB_STEPS
+    steps: int | None = None
     query_stride: int = CALIB_QUERY_STRIDE
-    step_blocks: int = CALIB_STEP_BLOCKS
+    step_blocks: int | None = None
     lr: float = CALIB_LR
     qo_scale: float | None = None
+
+    def for_composition(self, composition: str) -> "CalibOptions":
+        """These options with `steps` and `step_blocks` left None set to `composition`'s defaults."""
+        steps = CALIB_STEPS[composition] if self.steps is None else self.steps
+        step_blocks = CALIB_STEP_BLOCKS[composition] if self.step_blocks is None else self.step_blocks
+        return replace(self, steps=steps, step_blocks=step_blocks)
 
     def __post_init__(self):
         for name, minimum in (("steps", 0), ("query_stride", 1), ("step_blocks", 1)):
             value = getattr(self, name)
+            if value is None and name != "query_stride":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 kind = "a non-negative" if minimum == 0 else "a positive"
                 raise ValueError(f"calib_{name} must be {kind} integer, got {value!r}.")
@@ -581,9 +596,9 @@ def _set_heads(model, layer: int, heads: int) -> None:
 
 @torch.no_grad()
 def reduce_kv_heads(
-    model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int = CALIB_STEPS,
+    model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int | None = None,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
-    calib_step_blocks: int = CALIB_STEP_BLOCKS, calib_lr: float = CALIB_LR, calib_qo_scale: float | None = None,
+    calib_step_blocks: int | None = None, calib_lr: float = CALIB_LR, calib_qo_scale: float | None = None,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
@@ -592,8 +607,8 @@ def reduce_kv_heads(
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
     layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections; None:
     `calib_qo_scale_for` each layer's cut), each comparing
-    outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks; `progress` shows a
-    per-layer bar with the error). `composition="banded"` first rewrites a scalar-HLC model in banded form
+    outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
+    by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error). `composition="banded"` first rewrites a scalar-HLC model in banded form
     (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. Layers not named keep their
     heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
@@ -619,7 +634,7 @@ def reduce_kv_heads(
             _compress_layer_svd(model.model.layers[index].self_attn, heads)
             _set_heads(model, index, heads)
     else:
-        _compress_calib(model, targets, calib_blocks, options, progress)
+        _compress_calib(model, targets, calib_blocks, options.for_composition(model.config.composition), progress)
     model.train(was_training)
     return model
 

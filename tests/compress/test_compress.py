@@ -19,6 +19,8 @@ from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import (
     CALIB_QO_SCALE_HARSH,
     CALIB_QO_SCALE_MILD,
+    CALIB_STEP_BLOCKS,
+    CALIB_STEPS,
     attention_output_error,
     calib_qo_scale_for,
     effective_projection,
@@ -207,21 +209,41 @@ def test_calib_step_groups_cover_every_block_and_position_once():
 
 
 def test_calib_step_blocks_fits_groups_in_turn():
-    """`calib_step_blocks` below the block count changes the refinement (groups in turn), keeps calib no worse than
-    its start over all blocks, and equals the default when it covers every block."""
+    """`calib_step_blocks` below the block count changes the refinement (groups in turn) and keeps calib no worse than
+    its start over all blocks; any value covering every block gives one result."""
     model = make_model()
     blocks = random_blocks(n=16)
 
     def calib(**options):
         return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, **options)
 
-    start, everything = calib(calib_steps=0), calib()
+    start, everything = calib(calib_steps=0), calib(calib_step_blocks=16)
     same, grouped = calib(calib_step_blocks=64), calib(calib_step_blocks=4)
     for name, tensor in everything.state_dict().items():
         assert torch.equal(same.state_dict()[name], tensor), name
     query_weights = [candidate.model.layers[1].self_attn.q_proj.weight for candidate in (grouped, everything)]
     assert not torch.equal(*query_weights)
     assert output_objective(model, grouped, 1, blocks) < output_objective(model, start, 1, blocks)
+
+
+def test_calib_schedule_defaults_follow_the_composition():
+    """Left unset, calib's steps and blocks per step are those of the composition the model is compressed in
+    (`CALIB_STEPS`, `CALIB_STEP_BLOCKS`), and the two compositions' defaults differ."""
+    model = make_model()
+    blocks = random_blocks(n=16)
+
+    def calib(composition, **options):
+        return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks,
+                               composition=composition, **options).state_dict()  # fmt: skip
+
+    for composition, other in (("scalar", "banded"), ("banded", "scalar")):
+        default = calib(composition)
+        explicit = calib(composition, calib_steps=CALIB_STEPS[composition],
+                         calib_step_blocks=CALIB_STEP_BLOCKS[composition])  # fmt: skip
+        for name, tensor in default.items():
+            assert torch.equal(explicit[name], tensor), (composition, name)
+        others = calib(composition, calib_steps=CALIB_STEPS[other], calib_step_blocks=CALIB_STEP_BLOCKS[other])
+        assert not all(torch.equal(others[name], tensor) for name, tensor in default.items()), composition
 
 
 def test_calib_all_layers_runs_layer_by_layer_and_is_exact_at_full_rank():
