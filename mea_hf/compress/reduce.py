@@ -64,8 +64,8 @@ CALIB_BATCH = 8
 # not pay at 3 -> 1: 32 blocks with 330 steps of 2 gave +15.5% in 180 s, 40 blocks with 300 steps of 2 +15.4% in 197 s.
 CALIB_BLOCKS = 40
 # Refinement steps per layer, by composition. Every step costs the same (no early stop: the step sizes follow a fixed
-# cosine). Banded: with `CALIB_STEP_BLOCKS` blocks a step, 128 keep banded calib of the 30 layers of SmolLM2-135M under 3 minutes on one idle 2-core AVX-512 machine (3 -> 2 in
-# 175 s, 3 -> 1 in 160 s, load, compression and save). Smaller, more numerous steps are what 3 -> 1 wants (bits/byte
+# cosine). Banded: with `CALIB_STEP_BLOCKS` blocks a step, 128 keep calib of the 30 layers of SmolLM2-135M under 3
+# minutes on one idle 2-core AVX-512 machine (3 -> 2 in 150-175 s, 3 -> 1 in 155-160 s, load, compression and save). Smaller, more numerous steps are what 3 -> 1 wants (bits/byte
 # against the converted model; 40 blocks; seconds of the compression alone): 45 steps of 16 blocks +19.6% (170 s), 90 of
 # 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
 # Scalar HLC keeps the earlier 45 steps of 16 blocks: 128 of 4 made scalar calib worse (3 -> 2 +28.9% against +25.0%,
@@ -124,7 +124,7 @@ class CalibOptions:
     def __post_init__(self):
         for name, minimum in (("steps", 0), ("query_stride", 1), ("step_blocks", 1)):
             value = getattr(self, name)
-            if value is None and name != "query_stride":
+            if value is None and name in ("steps", "step_blocks"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 kind = "a non-negative" if minimum == 0 else "a positive"
@@ -608,7 +608,8 @@ def reduce_kv_heads(
     layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections; None:
     `calib_qo_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
-    by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error). `composition="banded"` first rewrites a scalar-HLC model in banded form
+    by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).
+    `composition="banded"` first rewrites a scalar-HLC model in banded form
     (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. Layers not named keep their
     heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
