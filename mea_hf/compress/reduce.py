@@ -65,9 +65,10 @@ CALIB_BATCH = 8
 CALIB_BLOCKS = 40
 # Refinement steps per layer, by composition. Every step costs the same (no early stop: the step sizes follow a fixed
 # cosine). Banded: with `CALIB_STEP_BLOCKS` blocks a step, 128 keep calib of the 30 layers of SmolLM2-135M under 3
-# minutes on one idle 2-core AVX-512 machine (3 -> 2 in 150-175 s, 3 -> 1 in 155-160 s, load, compression and save). Smaller, more numerous steps are what 3 -> 1 wants (bits/byte
-# against the converted model; 40 blocks; seconds of the compression alone): 45 steps of 16 blocks +19.6% (170 s), 90 of
-# 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
+# minutes on one idle 2-core AVX-512 machine (3 -> 2 in 150-175 s, 3 -> 1 in 155-160 s, load, compression and save).
+# Smaller, more numerous steps are what 3 -> 1 wants (bits/byte against the converted model; 40 blocks; seconds of the
+# compression alone): 45 steps of 16 blocks +19.6% (170 s), 90 of 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4
+# +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
 # Scalar HLC keeps the earlier 45 steps of 16 blocks: 128 of 4 made scalar calib worse (3 -> 2 +28.9% against +25.0%,
 # 3 -> 1 +207% against +81.6%).
 CALIB_STEPS = {"scalar": 45, "banded": 128}
