@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from ..convert import public_name
 from ..utils.atomic import atomic_write_json
+from ..utils.machine import lacks_native_bf16
 from .checkpoints import (
     MetricsLog,
     checkpoint_dirs,
@@ -113,6 +115,10 @@ def _accelerator(s: TrainSettings):
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
                            "each would train alone and write the same output folder. Check the launcher's "
                            "distributed settings.")  # fmt: skip
+    if s.bf16 and accelerator.device.type == "cpu" and lacks_native_bf16():
+        warnings.warn("bf16 on a CPU without native bf16 arithmetic (no avx512_bf16, amx_bf16 or ARM bf16 in "
+                      "/proc/cpuinfo) is emulated and very slow: a distillation step of SmolLM2-135M took 472 s "
+                      "against 24 s in float32 on a 2-core AVX2 EPYC. Train in float32 here.", stacklevel=2)  # fmt: skip
     return accelerator
 
 

@@ -9,7 +9,9 @@ import platform
 from pathlib import Path
 
 # The vector extensions that decide float32 matmul speed on x86 (and NEON/SVE on ARM), as /proc/cpuinfo spells them.
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
+# Native bf16 arithmetic: x86 AVX512-BF16 or AMX, ARM's BF16 extension. Without one, bf16 autocast is emulated.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
@@ -21,6 +23,16 @@ def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     model = fields.get("model name") or fields.get("Hardware") or platform.machine()
     return model, [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
+def lacks_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when /proc/cpuinfo (or the given text of it) names no native bf16 arithmetic; False when it is unreadable."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: unknown
+            return False
+    return not set(parse_cpuinfo(cpuinfo)[1]) & set(NATIVE_BF16_FLAGS)
 
 
 def machine_info() -> dict:

@@ -2,7 +2,7 @@
 
 import os
 
-from mea_hf.utils.machine import describe_machine, machine_info, parse_cpuinfo
+from mea_hf.utils.machine import describe_machine, lacks_native_bf16, machine_info, parse_cpuinfo
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -23,6 +23,12 @@ def test_parse_cpuinfo_reads_the_model_and_the_vector_flags_of_x86_and_arm():
     assert parse_cpuinfo(X86) == ("AMD EPYC 9R14", ["avx2", "avx512f", "avx512_bf16"])
     model, flags = parse_cpuinfo(ARM)
     assert flags == ["asimd", "sve"] and model  # ARM names no model: the platform's machine name stands in
+
+
+def test_lacks_native_bf16_is_true_only_when_the_cpu_names_no_bf16_extension():
+    assert not lacks_native_bf16(X86)  # avx512_bf16
+    assert lacks_native_bf16(X86.replace(" avx512_bf16", ""))  # AVX-512 alone does not do bf16 arithmetic
+    assert lacks_native_bf16(ARM) and not lacks_native_bf16(ARM.replace("sve", "sve bf16"))
 
 
 def test_machine_info_describes_this_machine():
