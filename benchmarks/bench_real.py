@@ -10,7 +10,7 @@ Steps (each a real `mea_hf` call):
    `composition="banded"` (complex key weights per RoPE pair, d x d value maps; same cache size); banded `calib` on
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
-   (`mea train --teacher`, attention only, `--distill-tokens`);
+   (`mea train --teacher`, all parameters, `--distill-tokens`);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
    samples, written as results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png
    and results.md.
@@ -40,6 +40,7 @@ from mea_hf.hub.folders import load_folder
 from mea_hf.memory import kv_fraction
 from mea_hf.recipes import pipeline
 from mea_hf.training.loop import train
+from mea_hf.training.settings import TRAIN_ONLY
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--distill-tokens", type=int, default=400_000, help="0 skips the distillation recovery")
     parser.add_argument("--distill-kv-heads", help="the --kv-heads targets to distill, comma-separated (default: all)")
     parser.add_argument("--distill-lr", type=float, default=2e-4)
+    parser.add_argument("--distill-train-only", choices=TRAIN_ONLY, default="all",
+                        help="which student parameters the distillation trains")  # fmt: skip
     parser.add_argument("--distill-bf16", action="store_true",
                         help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
@@ -148,7 +151,7 @@ def original_model(args, out: Path) -> tuple[Path, object]:
 def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
     per_step = args.block_size * 8
     return train({
-        "model": None, "init_from": str(student), "teacher": str(teacher), "train_only": "attention",
+        "model": None, "init_from": str(student), "teacher": str(teacher), "train_only": args.distill_train_only,
         "data": str(data), "block_size": args.block_size, "batch_size": 8, "max_tokens": args.distill_tokens,
         "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr, "bf16": args.distill_bf16,
         "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
