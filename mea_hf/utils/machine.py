@@ -25,14 +25,18 @@ def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
     return model, [flag for flag in VECTOR_FLAGS if flag in flags]
 
 
+def read_cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, or None where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def lacks_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when /proc/cpuinfo (or the given text of it) names no native bf16 arithmetic; False when it is unreadable."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: unknown
-            return False
-    return not set(parse_cpuinfo(cpuinfo)[1]) & set(NATIVE_BF16_FLAGS)
+    cpuinfo = cpuinfo if cpuinfo is not None else read_cpuinfo()
+    return cpuinfo is not None and not set(parse_cpuinfo(cpuinfo)[1]) & set(NATIVE_BF16_FLAGS)
 
 
 def machine_info() -> dict:
@@ -40,10 +44,8 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    try:
-        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:  # not Linux
-        model, flags = platform.processor() or platform.machine(), []
+    cpuinfo = read_cpuinfo()
+    model, flags = parse_cpuinfo(cpuinfo) if cpuinfo is not None else (platform.processor() or platform.machine(), [])
     return {
         "cpu": model, "vector_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0], "torch": torch.__version__, "transformers": transformers.__version__,
