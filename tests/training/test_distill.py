@@ -35,13 +35,18 @@ def _settings(folders, tmp_path, **overrides):
     }  # fmt: skip
 
 
-def test_distillation_loss_is_zero_for_equal_logits_and_matches_kl():
-    logits = torch.randn(2, 5, 11)
-    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
-    other = torch.randn(2, 5, 11)
-    p_teacher = other.softmax(-1)
-    reference = (p_teacher * (p_teacher.log() - logits.log_softmax(-1))).sum(-1).mean()
-    assert distillation_loss(logits, other).item() == pytest.approx(reference.item(), rel=1e-5)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_loss_and_its_gradient_match_the_textbook_kl(temperature):
+    student, teacher = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11)
+    assert distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+    loss = distillation_loss(student, teacher, temperature)
+    (gradient,) = torch.autograd.grad(loss, student)
+    log_q = (student / temperature).log_softmax(-1).reshape(-1, 11)
+    p = (teacher / temperature).softmax(-1).reshape(-1, 11)
+    reference = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    (reference_gradient,) = torch.autograd.grad(reference, student)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
