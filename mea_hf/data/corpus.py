@@ -5,6 +5,7 @@ help topics. The train/validation split is by a stable hash of each document's n
 machine with the same Python version.
 """
 
+import ast
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -43,6 +44,22 @@ def is_validation(name: str) -> bool:
 def builtin_documents() -> list[tuple[str, str]]:
     """(name, text) of every document of the built-in corpus, in a fixed order."""
     return _stdlib_documents() + _pydoc_documents()
+
+
+def stdlib_docstrings(min_chars: int = 200) -> dict[str, list[str]]:
+    """English prose from the standard library: its module, class and function docstrings of at least `min_chars`
+    characters, split like the source files they come from ({"train": [...], "validation": [...]})."""
+    splits = {"train": [], "validation": []}
+    for name, source in _stdlib_documents():
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docstrings = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, documented)]
+        split = splits["validation" if is_validation(name) else "train"]
+        split.extend(text for text in docstrings if text and len(text) >= min_chars)
+    return splits
 
 
 def builtin_corpus() -> dict[str, list[str]]:
