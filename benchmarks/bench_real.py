@@ -126,7 +126,7 @@ def write_distill_data(folder: Path, texts: dict[str, list[str]], which: str) ->
     """The `mea train --data` folder of the distillation: the train-split pydoc topics as one file (its tail held
     out), or with "pydoc+docstrings" those topics and the train-split stdlib docstrings as JSONL documents (5% held
     out by name). Neither holds a validation-split topic, so bits-per-byte stays held out."""
-    folder.mkdir()
+    folder.mkdir(parents=True)
     if which == "pydoc":
         atomic_write_text(folder / "train.txt", "\n\n".join(texts["train"]))
         return
