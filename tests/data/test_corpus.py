@@ -13,10 +13,9 @@ def test_docstrings_are_long_prose_split_like_their_source_files():
     assert module_docstring in docstrings[split]  # the json package's own docstring, in its source file's split
     assert module_docstring not in docstrings["train" if split == "validation" else "validation"]
     assert min(len(text) for texts in docstrings.values() for text in texts) >= 400
-    assert len(stdlib_docstrings(min_chars=100)["train"]) > len(docstrings["train"])
 
 
-def test_validation_split_is_a_stable_few_percent():
+def test_validation_split_holds_a_few_percent_of_the_documents():
     names = [name for name, _ in builtin_documents()]
     share = sum(map(is_validation, names)) / len(names)
     assert 0.02 < share < 0.09

@@ -50,7 +50,7 @@ def test_distillation_loss_and_its_gradient_match_the_textbook_kl(temperature):
 
 
 def test_distillation_loss_sums_a_large_vocabulary_accurately():
-    # 16.8 million terms: a plain float32 dot product of the two buffers is off by 5e-5 here (1.6e-3 at SmolLM2's
+    # 16.8 million terms: a plain float32 dot product of the two buffers is off by about 5e-5 here (1.6e-3 at SmolLM2's
     # 2,048 x 49,152), a pairwise sum by 1e-6.
     generator = torch.Generator().manual_seed(0)
     student, teacher = (3 * torch.randn(512, 32768, generator=generator) for _ in range(2))
