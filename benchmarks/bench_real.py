@@ -34,7 +34,7 @@ from transformers.utils import logging as transformers_logging
 
 from mea_hf.compress import CALIB_BLOCKS, CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
-from mea_hf.data.corpus import builtin_documents, is_validation, stdlib_docstrings
+from mea_hf.data.corpus import builtin_documents, split_by_name, stdlib_docstrings
 from mea_hf.data.loading import pack_blocks
 from mea_hf.evaluation.loss import mean_token_loss
 from mea_hf.hub.folders import load_folder
@@ -115,11 +115,7 @@ def calib_options(args) -> dict:
 
 def english_texts() -> dict[str, list[str]]:
     """pydoc help topics (English prose) by split: "train" for calibration/distillation, "validation" for bpb."""
-    splits = {"train": [], "validation": []}
-    for name, text in builtin_documents():
-        if name.startswith("pydoc/"):
-            splits["validation" if is_validation(name) else "train"].append(text)
-    return splits
+    return split_by_name(document for document in builtin_documents() if document[0].startswith("pydoc/"))
 
 
 def write_distill_data(folder: Path, texts: dict[str, list[str]], which: str) -> None:

@@ -8,9 +8,11 @@ machine with the same Python version.
 import ast
 import hashlib
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 
 VALIDATION_PERCENT = 5
+_DOCUMENTED_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "ensurepip"}
 
 
@@ -46,25 +48,32 @@ def builtin_documents() -> list[tuple[str, str]]:
     return _stdlib_documents() + _pydoc_documents()
 
 
-def stdlib_docstrings(min_chars: int = 200) -> dict[str, list[str]]:
-    """English prose from the standard library: its module, class and function docstrings of at least `min_chars`
-    characters, split like the source files they come from ({"train": [...], "validation": [...]})."""
+def split_by_name(documents: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """{"train": [...], "validation": [...]} texts of (name, text) `documents`, by `is_validation(name)`, in order."""
     splits = {"train": [], "validation": []}
-    for name, source in _stdlib_documents():
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        docstrings = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, documented)]
-        split = splits["validation" if is_validation(name) else "train"]
-        split.extend(text for text in docstrings if text and len(text) >= min_chars)
+    for name, text in documents:
+        splits["validation" if is_validation(name) else "train"].append(text)
     return splits
+
+
+def _docstrings(source: str, min_chars: int) -> list[str]:
+    """The module, class and function docstrings of at least `min_chars` characters in Python `source`."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    docstrings = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, _DOCUMENTED_NODES))
+    return [text for text in docstrings if text and len(text) >= min_chars]
+
+
+def stdlib_docstrings(min_chars: int = 200) -> dict[str, list[str]]:
+    """English prose from the standard library: its docstrings of at least `min_chars` characters, split like the
+    source files they come from ({"train": [...], "validation": [...]})."""
+    return split_by_name(
+        (name, text) for name, source in _stdlib_documents() for text in _docstrings(source, min_chars)
+    )
 
 
 def builtin_corpus() -> dict[str, list[str]]:
     """{"train": [...], "validation": [...]} document texts of the built-in corpus, in a fixed order."""
-    splits = {"train": [], "validation": []}
-    for name, text in builtin_documents():
-        splits["validation" if is_validation(name) else "train"].append(text)
-    return splits
+    return split_by_name(builtin_documents())
