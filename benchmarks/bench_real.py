@@ -63,7 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--calib-step-blocks", type=int,
                         help=f"blocks per refinement step (default by composition: {CALIB_STEP_BLOCKS})")  # fmt: skip
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
-    parser.add_argument("--calib-qo-scale", type=float, help="q/o step size, a fraction (default: by the cut)")
+    parser.add_argument("--calib-q-scale", type=float, help="q projection step size, a fraction (default: by the cut)")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -110,7 +110,7 @@ def calib_options(args) -> dict:
     """`reduce_kv_heads`'s calib settings from the flags."""
     return {"calib_steps": args.calib_steps, "calib_query_stride": args.calib_query_stride,
             "calib_step_blocks": args.calib_step_blocks, "calib_lr": args.calib_lr,
-            "calib_qo_scale": args.calib_qo_scale}  # fmt: skip
+            "calib_q_scale": args.calib_q_scale}  # fmt: skip
 
 
 def english_texts() -> dict[str, list[str]]:

@@ -60,8 +60,8 @@ def add_arguments(parser) -> None:
         help="peak refinement step size, a fraction of each tensor's RMS (calib; model-dependent)",
     )  # fmt: skip
     parser.add_argument(
-        "--calib-qo-scale", type=float,
-        help="step size of the layer's q/o projections, as a fraction of the new k/v projections' (calib; default: "
+        "--calib-q-scale", type=float,
+        help="step size of the layer's q projection, as a fraction of the new k/v projections' (calib; default: "
         "0.5 for layers keeping at least half their KV heads, else 1)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
@@ -118,7 +118,7 @@ def run(args) -> int:
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
         progress=True, composition=args.composition, calib_query_stride=args.calib_query_stride,
-        calib_step_blocks=args.calib_step_blocks, calib_lr=args.calib_lr, calib_qo_scale=args.calib_qo_scale,
+        calib_step_blocks=args.calib_step_blocks, calib_lr=args.calib_lr, calib_q_scale=args.calib_q_scale,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {

@@ -17,17 +17,19 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      produces (top eigenvectors of their Gram matrix in the family's row space), and for banded layers the same PCA
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
-  2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q/o projections
-     (which adapt to the compressed keys and values; `calib_qo_scale` scales their step size), minimising the
+  2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q projection
+     (which adapts to the compressed keys; `calib_q_scale` scales its step size), minimising the
      squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
      model's residual stream after that sub-layer minus the current one (so a layer also corrects the drift of the
      compressed layers before it).
      Each step compares every `CALIB_QUERY_STRIDE`-th position, from an offset that moves by one each step, so the
      steps together fit every position at a fraction of the cost; with more calibration blocks than
      `CALIB_STEP_BLOCKS`, each step also takes only one group of that many blocks, the groups in turn (more text for
-     the same price per step). The step sizes decay to zero on a cosine. The
-     result is kept only if its error over all positions is below the start's, so calib is never worse than its
-     start on this objective.
+     the same price per step). The step sizes decay to zero on a cosine.
+  3. Refit o_proj: the output is linear in it, so one ridge regression over every block and position gives the best
+     o_proj for the refined keys and values (pulled towards the current one by `CALIB_OUTPUT_RIDGE`).
+  The result is kept only if its error over all positions is below the start's, so calib is never worse than its
+  start on this objective.
   Layers are processed in order, each on the hidden states of the already-compressed layers before it (and of the
   original model, for the targets), so only one layer's activations are held (7B-size models fit in modest memory;
   the refinement wants a GPU there).
@@ -64,14 +66,13 @@ CALIB_BATCH = 8
 # not pay at 3 -> 1: 32 blocks with 330 steps of 2 gave +15.5% in 180 s, 40 blocks with 300 steps of 2 +15.4% in 197 s.
 CALIB_BLOCKS = 40
 # Refinement steps per layer, by composition. Every step costs the same (no early stop: the step sizes follow a fixed
-# cosine). Banded: with `CALIB_STEP_BLOCKS` blocks a step, 128 keep calib of the 30 layers of SmolLM2-135M under 3
-# minutes on one idle 2-core AVX-512 machine (3 -> 2 in 150-175 s, 3 -> 1 in 155-160 s, load, compression and save).
-# Smaller, more numerous steps are what 3 -> 1 wants (bits/byte against the converted model; 40 blocks; seconds of the
-# compression alone): 45 steps of 16 blocks +19.6% (170 s), 90 of 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4
-# +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
+# cosine). Banded: 300 steps of `CALIB_STEP_BLOCKS` blocks (see there for the time). Smaller, more numerous steps are
+# what 3 -> 1 wants (bits/byte against the converted model; 40 blocks; seconds of the compression alone, with o_proj
+# still moved by Adam, one AVX-512 machine): 45 steps of 16 blocks +19.6% (170 s), 90 of 16 +16.5% (271 s), 90 of 8
+# +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
 # Scalar HLC keeps the earlier 45 steps of 16 blocks: 128 of 4 made scalar calib worse (3 -> 2 +28.9% against +25.0%,
 # 3 -> 1 +207% against +81.6%).
-CALIB_STEPS = {"scalar": 45, "banded": 128}
+CALIB_STEPS = {"scalar": 45, "banded": 300}
 # Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
 # position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
 # rows were still fixed (before q/o were refined): +4.24% bits/byte against +3.71% comparing every position
@@ -85,28 +86,38 @@ CALIB_QUERY_STRIDE = 4
 CALIB_LR = 0.018
 # Each refinement step fits at most this many calibration blocks (whole batches of `CALIB_BATCH`), a group in turn; the
 # start, its error and the final check still use every block. A step of 4 blocks costs about a third of one of 16, so
-# the 3-minute budget buys 128 steps instead of 45: on SmolLM2-135M banded, +2.70% bits/byte at 3 -> 2 (was +2.98%) and
-# +16.8% at 3 -> 1 (was +19.6%). Scalar HLC keeps 16 (above).
-CALIB_STEP_BLOCKS = {"scalar": 16, "banded": 4}
-# The step size of the layer's own q/o projections (which only adapt to the new keys and values), as a fraction of that
-# of the new k/v projections and HLC, by default set by how much of its KV a layer keeps (`calib_qo_scale_for`). A
-# smaller one fits less of the calibration text's noise but adapts less, which suits mild compression only: on
-# SmolLM2-135M banded with 40 calibration blocks, 3 -> 2 gave +2.98% bits/byte at 0.5 against +3.15% at 1, and 3 -> 1
-# +19.58% at 1 against +20.74% at 0.5 (16 blocks: +3.31% / +3.58% and +20.81% / +21.69%; 0.25 and 2 were no better).
-CALIB_QO_SCALE_MILD = 0.5
-CALIB_QO_SCALE_HARSH = 1.0
+# the 3-minute budget bought 128 steps instead of 45: on SmolLM2-135M banded, +2.70% bits/byte at 3 -> 2 (was +2.98%)
+# and +16.8% at 3 -> 1 (was +19.6%). Since o_proj is refit in closed form (`CALIB_OUTPUT_RIDGE`) instead of moving
+# with Adam, steps are cheaper, and 300 steps of 2 blocks give +2.68% and +14.45% (291 s and 256 s on one 2-core AVX2
+# machine, where 128 of 4 with o_proj in Adam took 203 s at 3 -> 1 the same day). Scalar HLC keeps 16 (above).
+CALIB_STEP_BLOCKS = {"scalar": 16, "banded": 2}
+# The step size of the layer's own q projection (which only adapts to the new keys), as a fraction of that of the new
+# k/v projections and HLC, by default set by how much of its KV a layer keeps (`calib_q_scale_for`). A smaller one fits
+# less of the calibration text's noise but adapts less, which suits mild compression only. Tuned when o_proj still
+# moved with q at this scale: on SmolLM2-135M banded with 40 calibration blocks, 3 -> 2 gave +2.98% bits/byte at 0.5
+# against +3.15% at 1, and 3 -> 1 +19.58% at 1 against +20.74% at 0.5 (16 blocks: +3.31% / +3.58% and +20.81% /
+# +21.69%; 0.25 and 2 were no better); with o_proj refit, 2 for q alone was worse than 1 at 3 -> 1 (held-out error of
+# four layers 0.960 against 0.951 of the scalar-1 baseline with o in Adam).
+CALIB_Q_SCALE_MILD = 0.5
+CALIB_Q_SCALE_HARSH = 1.0
+# After the Adam steps, o_proj is refit in closed form (`_refit_output_projection`), pulled towards its weights by this
+# times the mean diagonal of the Gram matrix of its inputs. On SmolLM2-135M banded 3 -> 1 (250 steps of 2 blocks; the
+# attention-output error on 16 held-out blocks of layers 2, 10, 20 and 28, against o_proj moved by Adam with q):
+# 0.946 of it at 0.1, 0.951 at 0.3, 0.965 at 1; the refit after Adam moved o_proj too, 0.955 at 0.3; refitting also
+# before the steps, 1.054 (worse). Over all 30 layers, 300 steps of 2 blocks: +14.45% bits/byte against +15.36%.
+CALIB_OUTPUT_RIDGE = 0.1
 
 
-def calib_qo_scale_for(heads: int, kv_heads: int) -> float:
-    """calib's default q/o step-size scale for a layer cut from `kv_heads` to `heads` component heads:
-    `CALIB_QO_SCALE_MILD` if it keeps at least half of them, else `CALIB_QO_SCALE_HARSH`."""
-    return CALIB_QO_SCALE_MILD if 2 * heads >= kv_heads else CALIB_QO_SCALE_HARSH
+def calib_q_scale_for(heads: int, kv_heads: int) -> float:
+    """calib's default q step-size scale for a layer cut from `kv_heads` to `heads` component heads:
+    `CALIB_Q_SCALE_MILD` if it keeps at least half of them, else `CALIB_Q_SCALE_HARSH`."""
+    return CALIB_Q_SCALE_MILD if 2 * heads >= kv_heads else CALIB_Q_SCALE_HARSH
 
 
 @dataclass(frozen=True)
 class CalibOptions:
-    """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `qo_scale`
-    times that for the layer's q/o projections, None: `calib_qo_scale_for` the layer), each comparing every
+    """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `q_scale`
+    times that for the layer's q projection, None: `calib_q_scale_for` the layer), each comparing every
     `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
     of the model's composition (`for_composition`)."""
 
@@ -114,7 +125,7 @@ class CalibOptions:
     query_stride: int = CALIB_QUERY_STRIDE
     step_blocks: int | None = None
     lr: float = CALIB_LR
-    qo_scale: float | None = None
+    q_scale: float | None = None
 
     def for_composition(self, composition: str) -> "CalibOptions":
         """These options with `steps` and `step_blocks` left None set to `composition`'s defaults."""
@@ -130,9 +141,9 @@ class CalibOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 kind = "a non-negative" if minimum == 0 else "a positive"
                 raise ValueError(f"calib_{name} must be {kind} integer, got {value!r}.")
-        for name in ("lr", "qo_scale"):
+        for name in ("lr", "q_scale"):
             value = getattr(self, name)
-            if name == "qo_scale" and value is None:
+            if name == "q_scale" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"calib_{name} must be a positive number, got {value!r}.")
@@ -423,13 +434,52 @@ def _outputs_and_error(attn, inputs, targets) -> tuple[list[torch.Tensor], float
     return outputs, error
 
 
-def _refined_tensors(attn, qo_scale: float) -> list[tuple[nn.Parameter, float]]:
-    """What calib's refinement moves, each with its step-size scale: the new k/v projections and HLC (1), and the
-    layer's q/o projections (`qo_scale`: they adapt to the compressed keys and values; measured on SmolLM2-135M banded
-    3 -> 1 with q/o at the full step: +22.1% bits/byte against +24.2% for fixed q/o)."""
+def _refined_tensors(attn, q_scale: float) -> list[tuple[nn.Parameter, float]]:
+    """What calib's Adam steps move, each with its step-size scale: the new k/v projections and HLC (1), and the
+    layer's q projection (`q_scale`: it adapts to the compressed keys; measured on SmolLM2-135M banded 3 -> 1 with
+    q and o at the full step: +22.1% bits/byte against +24.2% for fixed q/o). o_proj is refit in closed form after the
+    steps instead (`_refit_output_projection`)."""
     new = [*attn.k_proj.parameters(), *attn.v_proj.parameters(), attn.hlc_k, attn.hlc_v]
-    adapting = [*attn.q_proj.parameters(), *attn.o_proj.parameters()]
-    return [(tensor, 1.0) for tensor in new] + [(tensor, qo_scale) for tensor in adapting]
+    return [(tensor, 1.0) for tensor in new] + [(tensor, q_scale) for tensor in attn.q_proj.parameters()]
+
+
+def _refit_output_projection(attn, inputs, targets) -> tuple[list[torch.Tensor], float]:
+    """Refit o_proj by ridge regression, pulled towards its current weights: given everything before it, the layer's
+    output is linear in o_proj, so the best o_proj over `inputs` [(normed, extras)] and `targets` is one solve of a
+    (H*d) x (H*d) system. The pull, `CALIB_OUTPUT_RIDGE` times the mean diagonal of the inputs' Gram matrix, keeps it
+    from fitting the calibration text's noise; it cannot raise the error (the current weights are a candidate).
+    Returns the new outputs and `attention_output_error`."""
+    heads = []
+    hook = attn.o_proj.register_forward_hook(lambda module, args, output: heads.append(args[0]))
+    try:
+        for normed, extras in inputs:
+            _attention_output(attn, normed, extras)
+    finally:
+        hook.remove()
+    projection = attn.o_proj
+    with_bias = projection.bias is not None
+    current = projection.weight.detach().double().t()  # (H*d, hidden)
+    if with_bias:
+        current = torch.cat([current, projection.bias.detach().double()[None]])
+    gram = torch.zeros(current.shape[0], current.shape[0], dtype=torch.float64, device=current.device)
+    cross = torch.zeros_like(current)
+    for head, target in zip(heads, targets, strict=True):
+        rows = head.reshape(-1, head.shape[-1]).double()
+        if with_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        gram += rows.t() @ rows
+        cross += rows.t() @ target.reshape(-1, target.shape[-1]).double()
+    pull = CALIB_OUTPUT_RIDGE * gram.diagonal().mean()
+    solution = torch.linalg.solve(gram + pull * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
+                                  cross + pull * current)  # fmt: skip
+    with torch.no_grad():
+        projection.weight.copy_(solution[: projection.in_features].t())
+        if with_bias:
+            projection.bias.copy_(solution[-1])
+    outputs = [projection(head) for head in heads]
+    error = sum((output.double() - target.double()).pow(2).sum().item()
+                for output, target in zip(outputs, targets, strict=True))  # fmt: skip
+    return outputs, error
 
 
 def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = False) -> None:
@@ -482,11 +532,13 @@ def _fitting_sets(
 def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list, float]) -> tuple[list, float]:
     """`options.steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
     `sets[t % len(sets)]`, step sizes decayed from `options.lr` (times `_step_scale` and the tensor's scale) to 0 on a
-    cosine. The result is kept if its error on `every_position` (inputs, targets) is below the start's (`start`: its
-    outputs there and error), else the start is restored. Returns the outputs and error of what is kept."""
+    cosine, then o_proj refit on `every_position` (inputs, targets) by `_refit_output_projection`. The result is kept
+    if its error there is below the start's (`start`: its outputs there and error), else the start is restored.
+    Returns the outputs and error of what is kept."""
     steps = options.steps
-    tensors, scales = zip(*_refined_tensors(attn, options.qo_scale), strict=True)
-    start_values = [t.detach().clone() for t in tensors]
+    tensors, scales = zip(*_refined_tensors(attn, options.q_scale), strict=True)
+    changed = [*tensors, *attn.o_proj.parameters()]
+    start_values = [t.detach().clone() for t in changed]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -508,9 +560,9 @@ def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list
         tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    outputs, error = _outputs_and_error(attn, *every_position)
-    if error >= start[1]:
-        _load(tensors, start_values)
+    outputs, error = _refit_output_projection(attn, *every_position)
+    if not error < start[1]:  # also undoes a diverged (NaN) refinement
+        _load(changed, start_values)
         return start
     return outputs, error
 
@@ -523,8 +575,8 @@ def _calibrate_layer(
     attention-output mean squared error over all positions and blocks at the start and at the end, and the compressed
     layer's attention outputs on `batches`."""
     attn = layer.self_attn
-    if options.qo_scale is None:
-        options = replace(options, qo_scale=calib_qo_scale_for(heads, attn.num_kv_heads))
+    if options.q_scale is None:
+        options = replace(options, q_scale=calib_q_scale_for(heads, attn.num_kv_heads))
     every_position, groups = _fitting_sets(
         layer, batches, originals, original_outputs, options.query_stride, step_batches
     )
@@ -599,15 +651,15 @@ def _set_heads(model, layer: int, heads: int) -> None:
 def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int | None = None,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
-    calib_step_blocks: int | None = None, calib_lr: float = CALIB_LR, calib_qo_scale: float | None = None,
+    calib_step_blocks: int | None = None, calib_lr: float = CALIB_LR, calib_q_scale: float | None = None,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer from a peak step size `calib_lr` (`calib_qo_scale` times that for the q/o projections; None:
-    `calib_qo_scale_for` each layer's cut), each comparing
+    layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection; None:
+    `calib_q_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
     by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).
     `composition="banded"` first rewrites a scalar-HLC model in banded form
@@ -623,7 +675,7 @@ def reduce_kv_heads(
     targets = _targets(model.config, num_component_heads, layers)
     if method == "calib":
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
-        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr, calib_qo_scale)
+        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr, calib_q_scale)
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
     check_composition(model.config, composition)
@@ -644,14 +696,14 @@ def reduce_kv_heads(
 __all__ = [
     "CALIB_BLOCKS",
     "CALIB_LR",
-    "CALIB_QO_SCALE_HARSH",
-    "CALIB_QO_SCALE_MILD",
     "CALIB_QUERY_STRIDE",
+    "CALIB_Q_SCALE_HARSH",
+    "CALIB_Q_SCALE_MILD",
     "CALIB_STEPS",
     "CALIB_STEP_BLOCKS",
     "METHODS",
     "attention_output_error",
-    "calib_qo_scale_for",
+    "calib_q_scale_for",
     "check_composition",
     "effective_projection",
     "parse_layers",

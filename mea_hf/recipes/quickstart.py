@@ -48,7 +48,7 @@ PRESETS = {
         # more steps than the default tuned on SmolLM2-135M: 3.658 with these (14 s), 3.817 with the default.
         "calib_steps": 150,
         "calib_lr": 0.06,
-        "calib_qo_scale": 1.0,  # the q/o step it was tuned with (the default for h/2 is 0.5, tuned on SmolLM2-135M)
+        "calib_q_scale": 1.0,  # the q step it was tuned with (the default for h/2 is 0.5, tuned on SmolLM2-135M)
         "eval_limit": None,
         "decode_context": 512,
         "decode_tokens": 64,
@@ -72,7 +72,7 @@ PRESETS = {
         "calib_blocks": 4,
         "calib_steps": 150,
         "calib_lr": 0.06,
-        "calib_qo_scale": 1.0,
+        "calib_q_scale": 1.0,
         "eval_limit": 2,
         "decode_context": 16,
         "decode_tokens": 4,
@@ -180,13 +180,13 @@ class Quickstart:
         how_made = (
             f"`{source}` with its KV cache compressed to {heads} of {kv_heads} heads in every layer by "
             f'`mea_hf.compress.reduce_kv_heads(method="calib")` on {len(calib)} training blocks of '
-            f"{s['block_size']} tokens ({s['calib_steps']} refinement steps, calib_lr {s['calib_lr']}, calib_qo_scale "
-            f"{s['calib_qo_scale']}; "
+            f"{s['block_size']} tokens ({s['calib_steps']} refinement steps, calib_lr {s['calib_lr']}, calib_q_scale "
+            f"{s['calib_q_scale']}; "
             "mea quickstart); no training after compression."
         )
         folder, _ = pipeline.compress(
             source, self.out / "mea-kv50-compressed", heads, "calib", calib, how_made=how_made,
-            calib_steps=s["calib_steps"], calib_lr=s["calib_lr"], calib_qo_scale=s["calib_qo_scale"],
+            calib_steps=s["calib_steps"], calib_lr=s["calib_lr"], calib_q_scale=s["calib_q_scale"],
         )  # fmt: skip
         self.folders["mea-kv50-compressed"] = folder
 

@@ -17,12 +17,14 @@ from transformers.masking_utils import create_causal_mask
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import (
-    CALIB_QO_SCALE_HARSH,
-    CALIB_QO_SCALE_MILD,
+    CALIB_OUTPUT_RIDGE,
+    CALIB_Q_SCALE_HARSH,
+    CALIB_Q_SCALE_MILD,
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
+    _refit_output_projection,
     attention_output_error,
-    calib_qo_scale_for,
+    calib_q_scale_for,
     effective_projection,
     reduce_kv_heads,
     virtual_keys_values,
@@ -122,56 +124,93 @@ def test_calib_beats_svd_on_the_calibration_objective(heads):
     assert 0 < calib_error < start_error <= svd_error * (1 + 1e-9)
 
 
-def test_calib_keeps_its_start_when_the_refinement_makes_it_worse():
-    """A refinement that ends above the start's error over all positions is undone: the start is returned as it was."""
+def test_calib_keeps_its_start_when_the_refinement_diverges():
+    """A refinement whose error over all positions does not end below the start's (here: steps so large that the
+    weights overflow and the error is NaN) is undone: the start is returned as it was."""
     model = make_model()
     blocks = random_blocks()
     start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
-    diverged = reduce_kv_heads(  # steps this large overshoot every time
-        copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5, calib_lr=1e3
+    diverged = reduce_kv_heads(
+        copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5, calib_lr=1e30
     )
     for name, tensor in start.state_dict().items():
         assert torch.equal(diverged.state_dict()[name], tensor), name
 
 
-def test_calib_qo_scale_sets_how_far_the_q_and_o_projections_move():
-    """The layer's own q/o projections move at `calib_qo_scale` of the new k/v projections' step size: a vanishing
-    scale leaves them where they were while k/v still move, the default moves them."""
+def test_calib_q_scale_sets_how_far_the_q_projection_moves():
+    """The layer's own q projection moves at `calib_q_scale` of the new k/v projections' step size: a vanishing scale
+    leaves it where it was while k/v still move, the default moves it. o_proj is refit after the steps either way."""
     model = make_model()
     blocks = random_blocks()
 
-    def refined(qo_scale):
+    def refined(q_scale):
         return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks,
-                               calib_steps=5, calib_qo_scale=qo_scale).model.layers[1].self_attn  # fmt: skip
+                               calib_steps=5, calib_q_scale=q_scale).model.layers[1].self_attn  # fmt: skip
 
     start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
     start = start.model.layers[1].self_attn
     original = model.model.layers[1].self_attn
     frozen, moved = refined(1e-12), refined(None)
-    for name in ("q_proj", "o_proj"):
-        weight = getattr(original, name).weight
-        assert torch.allclose(getattr(frozen, name).weight, weight, rtol=0, atol=1e-9), name
-        assert (getattr(moved, name).weight - weight).abs().max() > 1e-4, name
+    assert torch.allclose(frozen.q_proj.weight, original.q_proj.weight, rtol=0, atol=1e-9)
+    assert (moved.q_proj.weight - original.q_proj.weight).abs().max() > 1e-4
     for attn in (frozen, moved):
         assert (attn.k_proj.weight - start.k_proj.weight).abs().max() > 1e-4
+        assert (attn.o_proj.weight - original.o_proj.weight).abs().max() > 1e-4
 
 
-def test_calib_default_qo_scale_follows_each_layers_cut():
-    """With no `calib_qo_scale`, a layer keeping at least half its KV heads refines q/o at `CALIB_QO_SCALE_MILD`, a
-    harsher cut at `CALIB_QO_SCALE_HARSH`: the default gives exactly what the explicit scale gives (4 -> 2 and
+@pytest.mark.parametrize("overrides", [{}, {"o_proj_bias": True}])
+def test_output_refit_is_the_ridge_regression_towards_the_current_o_proj(overrides):
+    """`_refit_output_projection` solves min ||A W - T||^2 + p ||W - W0||^2 (A: o_proj's inputs, with a ones column
+    for a bias; p = CALIB_OUTPUT_RIDGE times A's mean squared column norm): checked against torch's least squares
+    on the stacked system [A; sqrt(p) I] W = [T; sqrt(p) W0]. It cannot raise the error, and returns its outputs."""
+    model = make_model(**overrides)
+    blocks = random_blocks()
+    compressed = reduce_kv_heads(copy.deepcopy(model), 1, layers=[1], method="calib", calib_blocks=blocks,
+                                 calib_steps=0)  # fmt: skip
+    attn = compressed.model.layers[1].self_attn
+    normed, extras = layer_inputs(model, 1, blocks)
+    with torch.no_grad():
+        target = model.model.layers[1].self_attn(normed, **extras)[0]
+        heads = []
+        hook = attn.o_proj.register_forward_hook(lambda module, args, output: heads.append(args[0]))
+        before = attention_output_error(attn, [(normed, extras)], [target])
+        hook.remove()
+        inputs = heads[0].reshape(-1, heads[0].shape[-1]).double()
+        current = attn.o_proj.weight.double().t()
+        if attn.o_proj.bias is not None:
+            inputs = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], dim=1)
+            current = torch.cat([current, attn.o_proj.bias.double()[None]])
+        root = (CALIB_OUTPUT_RIDGE * inputs.pow(2).sum(0).mean()).sqrt()
+        stacked = torch.cat([inputs, root * torch.eye(inputs.shape[1], dtype=inputs.dtype)])
+        wanted = torch.cat([target.reshape(-1, target.shape[-1]).double(), root * current])
+        expected = torch.linalg.lstsq(stacked, wanted).solution
+        outputs, error = _refit_output_projection(attn, [(normed, extras)], [target])
+        after = attention_output_error(attn, [(normed, extras)], [target])
+    refit = attn.o_proj.weight.double().t()
+    if attn.o_proj.bias is not None:
+        refit = torch.cat([refit, attn.o_proj.bias.double()[None]])
+    assert torch.allclose(refit, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(refit, current, rtol=1e-3, atol=1e-4)
+    assert error == pytest.approx(after, rel=1e-5) and after < before
+    assert torch.allclose(outputs[0], attn(normed, **extras)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_calib_default_q_scale_follows_each_layers_cut():
+    """With no `calib_q_scale`, a layer keeping at least half its KV heads refines q/o at `CALIB_Q_SCALE_MILD`, a
+    harsher cut at `CALIB_Q_SCALE_HARSH`: the default gives exactly what the explicit scale gives (4 -> 2 and
     4 -> 1), and differs from the other scale."""
-    assert (calib_qo_scale_for(2, 4), calib_qo_scale_for(2, 3), calib_qo_scale_for(1, 3)) == (
-        CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_HARSH
+    assert (calib_q_scale_for(2, 4), calib_q_scale_for(2, 3), calib_q_scale_for(1, 3)) == (
+        CALIB_Q_SCALE_MILD, CALIB_Q_SCALE_MILD, CALIB_Q_SCALE_HARSH
     )  # fmt: skip
-    assert CALIB_QO_SCALE_MILD != CALIB_QO_SCALE_HARSH
+    assert CALIB_Q_SCALE_MILD != CALIB_Q_SCALE_HARSH
     model, blocks = make_model(), random_blocks()
 
-    def q_weight(heads, qo_scale):
+    def q_weight(heads, q_scale):
         compressed = reduce_kv_heads(copy.deepcopy(model), heads, layers=[1], method="calib", calib_blocks=blocks,
-                                     calib_steps=5, calib_qo_scale=qo_scale)  # fmt: skip
+                                     calib_steps=5, calib_q_scale=q_scale)  # fmt: skip
         return compressed.model.layers[1].self_attn.q_proj.weight
 
-    for heads, chosen, other in ((2, CALIB_QO_SCALE_MILD, CALIB_QO_SCALE_HARSH), (1, CALIB_QO_SCALE_HARSH, CALIB_QO_SCALE_MILD)):
+    for heads, chosen, other in ((2, CALIB_Q_SCALE_MILD, CALIB_Q_SCALE_HARSH), (1, CALIB_Q_SCALE_HARSH, CALIB_Q_SCALE_MILD)):
         default = q_weight(heads, None)
         assert torch.equal(default, q_weight(heads, chosen)), heads
         assert not torch.equal(default, q_weight(heads, other)), heads
@@ -308,8 +347,8 @@ def test_bad_arguments_raise_before_any_change():
     for bad in (0, -0.1, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="calib_lr"):
             reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_lr=bad)
-        with pytest.raises(ValueError, match="calib_qo_scale"):
-            reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_qo_scale=bad)
+        with pytest.raises(ValueError, match="calib_q_scale"):
+            reduce_kv_heads(model, 2, method="calib", calib_blocks=random_blocks(), calib_q_scale=bad)
     reduce_kv_heads(model, 2, layers=[0])
     with pytest.raises(ValueError, match="cannot grow"):
         reduce_kv_heads(model, 3, layers=[0])
@@ -473,7 +512,7 @@ def test_cli_bad_input_gives_a_clear_error_and_writes_nothing(mea_folder, tmp_pa
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-data", str(empty)], "empty"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-step-blocks", "0"], "calib_step_blocks"),
         (model + ["--kv-heads", "2", "--method", "calib", "--calib-lr", "-1"], "calib_lr"),
-        (model + ["--kv-heads", "2", "--method", "calib", "--calib-qo-scale", "0"], "calib_qo_scale"),
+        (model + ["--kv-heads", "2", "--method", "calib", "--calib-q-scale", "0"], "calib_q_scale"),
         (["--model", str(llama_folder), "--kv-heads", "2"], "mea convert"),
         (["--model", str(tmp_path / "missing"), "--kv-heads", "2"], "no such folder"),
         (model + ["--budget", "0.75"], "--sensitivity"),
