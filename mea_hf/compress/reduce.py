@@ -18,7 +18,7 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
   2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q projection
-     (which adapts to the compressed keys; `calib_q_scale` scales its step size), minimising the
+     (which adapts to the compressed keys; `calib_q_scale` scales its step size; scalar layers: and o_proj), minimising the
      squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
      model's residual stream after that sub-layer minus the current one (so a layer also corrects the drift of the
      compressed layers before it).
@@ -26,8 +26,9 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      steps together fit every position at a fraction of the cost; with more calibration blocks than
      `CALIB_STEP_BLOCKS`, each step also takes only one group of that many blocks, the groups in turn (more text for
      the same price per step). The step sizes decay to zero on a cosine.
-  3. Refit o_proj: the output is linear in it, so one ridge regression over every block and position gives the best
-     o_proj for the refined keys and values (pulled towards the current one by `CALIB_OUTPUT_RIDGE`).
+  3. Banded layers (`CALIB_OUTPUT_REFIT`) then refit o_proj: the output is linear in it, so one ridge regression over
+     every block and position gives the best o_proj for the refined keys and values (pulled towards the current one
+     by `CALIB_OUTPUT_RIDGE`). Scalar layers move o_proj with Adam instead, at the q step size.
   The result is kept only if its error over all positions is below the start's, so calib is never worse than its
   start on this objective.
   Layers are processed in order, each on the hidden states of the already-compressed layers before it (and of the
@@ -106,6 +107,11 @@ CALIB_Q_SCALE_HARSH = 1.0
 # 0.946 of it at 0.1, 0.951 at 0.3, 0.965 at 1; the refit after Adam moved o_proj too, 0.955 at 0.3; refitting also
 # before the steps, 1.054 (worse). Over all 30 layers, 300 steps of 2 blocks: +14.45% bits/byte against +15.36%.
 CALIB_OUTPUT_RIDGE = 0.1
+# Which compositions refit o_proj that way; the others move it with Adam, at the q step size. On SmolLM2-135M scalar
+# calib (45 steps of 16 blocks) the refit helped at 3 -> 2 (+14.98% bits/byte against +25.04%) but broke 3 -> 1
+# (+257% against +81.6%; +67.4% when the refit skipped each block's first position, the attention sink with massive
+# activations, which in turn made banded 3 -> 1 worse, +16.98% against +14.45%), so scalar keeps Adam.
+CALIB_OUTPUT_REFIT = {"scalar": False, "banded": True}
 
 
 def calib_q_scale_for(heads: int, kv_heads: int) -> float:
@@ -117,7 +123,7 @@ def calib_q_scale_for(heads: int, kv_heads: int) -> float:
 @dataclass(frozen=True)
 class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `q_scale`
-    times that for the layer's q projection, None: `calib_q_scale_for` the layer), each comparing every
+    times that for the layer's q projection and, in scalar layers, o_proj; None: `calib_q_scale_for` the layer), each comparing every
     `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
     of the model's composition (`for_composition`)."""
 
@@ -437,10 +443,13 @@ def _outputs_and_error(attn, inputs, targets) -> tuple[list[torch.Tensor], float
 def _refined_tensors(attn, q_scale: float) -> list[tuple[nn.Parameter, float]]:
     """What calib's Adam steps move, each with its step-size scale: the new k/v projections and HLC (1), and the
     layer's q projection (`q_scale`: it adapts to the compressed keys; measured on SmolLM2-135M banded 3 -> 1 with
-    q and o at the full step: +22.1% bits/byte against +24.2% for fixed q/o). o_proj is refit in closed form after the
-    steps instead (`_refit_output_projection`)."""
+    q and o at the full step: +22.1% bits/byte against +24.2% for fixed q/o), and o_proj (`q_scale`) unless the
+    composition refits it in closed form after the steps (`CALIB_OUTPUT_REFIT`)."""
     new = [*attn.k_proj.parameters(), *attn.v_proj.parameters(), attn.hlc_k, attn.hlc_v]
-    return [(tensor, 1.0) for tensor in new] + [(tensor, q_scale) for tensor in attn.q_proj.parameters()]
+    adapting = [*attn.q_proj.parameters()]
+    if not CALIB_OUTPUT_REFIT[attn.config.composition]:
+        adapting += attn.o_proj.parameters()
+    return [(tensor, 1.0) for tensor in new] + [(tensor, q_scale) for tensor in adapting]
 
 
 def _refit_output_projection(attn, inputs, targets) -> tuple[list[torch.Tensor], float]:
@@ -532,12 +541,13 @@ def _fitting_sets(
 def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list, float]) -> tuple[list, float]:
     """`options.steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
     `sets[t % len(sets)]`, step sizes decayed from `options.lr` (times `_step_scale` and the tensor's scale) to 0 on a
-    cosine, then o_proj refit on `every_position` (inputs, targets) by `_refit_output_projection`. The result is kept
+    cosine, then (`CALIB_OUTPUT_REFIT`) o_proj refit on `every_position` (inputs, targets). The result is kept
     if its error there is below the start's (`start`: its outputs there and error), else the start is restored.
     Returns the outputs and error of what is kept."""
     steps = options.steps
     tensors, scales = zip(*_refined_tensors(attn, options.q_scale), strict=True)
-    changed = [*tensors, *attn.o_proj.parameters()]
+    refit = CALIB_OUTPUT_REFIT[attn.config.composition]
+    changed = [*tensors, *attn.o_proj.parameters()] if refit else tensors
     start_values = [t.detach().clone() for t in changed]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
@@ -560,7 +570,8 @@ def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list
         tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    outputs, error = _refit_output_projection(attn, *every_position)
+    finish = _refit_output_projection if refit else _outputs_and_error
+    outputs, error = finish(attn, *every_position)
     if not error < start[1]:  # also undoes a diverged (NaN) refinement
         _load(changed, start_values)
         return start
@@ -658,7 +669,7 @@ def reduce_kv_heads(
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection; None:
+    layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection, and o_proj in scalar layers; None:
     `calib_q_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
     by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).

@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from mea_hf import MEAForCausalLM
 from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import (
+    CALIB_OUTPUT_REFIT,
     CALIB_OUTPUT_RIDGE,
     CALIB_Q_SCALE_HARSH,
     CALIB_Q_SCALE_MILD,
@@ -124,38 +125,46 @@ def test_calib_beats_svd_on_the_calibration_objective(heads):
     assert 0 < calib_error < start_error <= svd_error * (1 + 1e-9)
 
 
-def test_calib_keeps_its_start_when_the_refinement_diverges():
+@pytest.mark.parametrize("composition", ["scalar", "banded"])
+def test_calib_keeps_its_start_when_the_refinement_diverges(composition):
     """A refinement whose error over all positions does not end below the start's (here: steps so large that the
     weights overflow and the error is NaN) is undone: the start is returned as it was."""
     model = make_model()
     blocks = random_blocks()
-    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
-    diverged = reduce_kv_heads(
-        copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5, calib_lr=1e30
-    )
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0,
+                            composition=composition)  # fmt: skip
+    diverged = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5,
+                               calib_lr=1e30, composition=composition)  # fmt: skip
     for name, tensor in start.state_dict().items():
         assert torch.equal(diverged.state_dict()[name], tensor), name
 
 
-def test_calib_q_scale_sets_how_far_the_q_projection_moves():
+@pytest.mark.parametrize("composition", ["scalar", "banded"])
+def test_calib_q_scale_sets_how_far_the_q_projection_moves(composition):
     """The layer's own q projection moves at `calib_q_scale` of the new k/v projections' step size: a vanishing scale
-    leaves it where it was while k/v still move, the default moves it. o_proj is refit after the steps either way."""
+    leaves it where it was while k/v still move, the default moves it. o_proj moves with q (scalar) or is refit after
+    the steps whatever the scale (banded, `CALIB_OUTPUT_REFIT`)."""
     model = make_model()
     blocks = random_blocks()
 
     def refined(q_scale):
-        return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks,
-                               calib_steps=5, calib_q_scale=q_scale).model.layers[1].self_attn  # fmt: skip
+        return reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=5,
+                               calib_q_scale=q_scale, composition=composition).model.layers[1].self_attn  # fmt: skip
 
-    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0)
-    start = start.model.layers[1].self_attn
+    start = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], method="calib", calib_blocks=blocks, calib_steps=0,
+                            composition=composition).model.layers[1].self_attn  # fmt: skip
     original = model.model.layers[1].self_attn
     frozen, moved = refined(1e-12), refined(None)
-    assert torch.allclose(frozen.q_proj.weight, original.q_proj.weight, rtol=0, atol=1e-9)
-    assert (moved.q_proj.weight - original.q_proj.weight).abs().max() > 1e-4
+    assert CALIB_OUTPUT_REFIT == {"scalar": False, "banded": True}
+    frozen_names = ("q_proj",) if CALIB_OUTPUT_REFIT[composition] else ("q_proj", "o_proj")
+    for name in frozen_names:
+        assert torch.allclose(getattr(frozen, name).weight, getattr(original, name).weight, rtol=0, atol=1e-9), name
+    for name in ("q_proj", "o_proj"):
+        assert (getattr(moved, name).weight - getattr(original, name).weight).abs().max() > 1e-4, name
+    if CALIB_OUTPUT_REFIT[composition]:
+        assert (frozen.o_proj.weight - original.o_proj.weight).abs().max() > 1e-4
     for attn in (frozen, moved):
         assert (attn.k_proj.weight - start.k_proj.weight).abs().max() > 1e-4
-        assert (attn.o_proj.weight - original.o_proj.weight).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("overrides", [{}, {"o_proj_bias": True}])
