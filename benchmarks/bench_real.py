@@ -63,7 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--calib-step-blocks", type=int,
                         help=f"blocks per refinement step (default by composition: {CALIB_STEP_BLOCKS})")  # fmt: skip
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
-    parser.add_argument("--calib-q-scale", type=float, help="q (scalar: and o) projection step size, a fraction (default: by the cut)")
+    parser.add_argument("--calib-q-scale", type=float,
+                        help="q (scalar layers: and o) projection step size, a fraction (default: by the cut)")
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)

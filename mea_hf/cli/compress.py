@@ -61,8 +61,8 @@ def add_arguments(parser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--calib-q-scale", type=float,
-        help="step size of the layer's q projection (scalar layers: and o_proj), as a fraction of the new k/v projections' (calib; default: "
-        "0.5 for layers keeping at least half their KV heads, else 1)",
+        help="step size of the layer's q projection (scalar layers: and o_proj), as a fraction of the new k/v "
+        "projections' (calib; default: 0.5 for layers keeping at least half their KV heads, else 1)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

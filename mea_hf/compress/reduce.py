@@ -18,8 +18,8 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      weighted by the energy of the queries that read each key pair and by the o_proj column norms of each value
      channel.
   2. Refine: `calib_steps` Adam steps on the new k/v projections and HLC and on the layer's q projection
-     (which adapts to the compressed keys; `calib_q_scale` scales its step size; scalar layers: and o_proj), minimising the
-     squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
+     (which adapts to the compressed keys; `calib_q_scale` scales its step size; scalar layers: and o_proj),
+     minimising the squared error of the attention sub-layer output (after softmax, head norm and o_proj) against the original
      model's residual stream after that sub-layer minus the current one (so a layer also corrects the drift of the
      compressed layers before it).
      Each step compares every `CALIB_QUERY_STRIDE`-th position, from an offset that moves by one each step, so the
@@ -123,8 +123,8 @@ def calib_q_scale_for(heads: int, kv_heads: int) -> float:
 @dataclass(frozen=True)
 class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `q_scale`
-    times that for the layer's q projection and, in scalar layers, o_proj; None: `calib_q_scale_for` the layer), each comparing every
-    `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
+    times that for the layer's q projection and, in scalar layers, o_proj; None: `calib_q_scale_for` the layer),
+    each comparing every `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
     of the model's composition (`for_composition`)."""
 
     steps: int | None = None
@@ -669,8 +669,8 @@ def reduce_kv_heads(
     num_component_heads: the new h' (1..num_key_value_heads) for every layer in `layers` (None = all layers), or a
     list with one h' per layer. method: "svd" (data-free, the paper's construction) or "calib" (needs
     `calib_blocks`, a LongTensor (n_blocks, block_size) of token ids, and runs `calib_steps` refinement steps per
-    layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection, and o_proj in scalar layers; None:
-    `calib_q_scale_for` each layer's cut), each comparing
+    layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection, and o_proj in scalar
+    layers; None: `calib_q_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
     by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).
     `composition="banded"` first rewrites a scalar-HLC model in banded form

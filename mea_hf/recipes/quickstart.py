@@ -48,7 +48,7 @@ PRESETS = {
         # more steps than the default tuned on SmolLM2-135M: 3.658 with these (14 s), 3.817 with the default.
         "calib_steps": 150,
         "calib_lr": 0.06,
-        "calib_q_scale": 1.0,  # the q step it was tuned with (the default for h/2 is 0.5, tuned on SmolLM2-135M)
+        "calib_q_scale": 1.0,  # the q/o step it was tuned with (the default for h/2 is 0.5, tuned on SmolLM2-135M)
         "eval_limit": None,
         "decode_context": 512,
         "decode_tokens": 64,
