@@ -435,9 +435,13 @@ def attention_output_error(attn, inputs, targets) -> float:
 def _outputs_and_error(attn, inputs, targets) -> tuple[list[torch.Tensor], float]:
     """`attn`'s outputs on `inputs`, and `attention_output_error`."""
     outputs = [_attention_output(attn, normed, extras) for normed, extras in inputs]
-    error = sum((output.double() - target.double()).pow(2).sum().item()
-                for output, target in zip(outputs, targets, strict=True))  # fmt: skip
-    return outputs, error
+    return outputs, _squared_error(outputs, targets)
+
+
+def _squared_error(outputs, targets) -> float:
+    """Sum of squared differences between the tensors of `outputs` and `targets`, in float64."""
+    return sum((output.double() - target.double()).pow(2).sum().item()
+               for output, target in zip(outputs, targets, strict=True))  # fmt: skip
 
 
 def _refined_tensors(attn, q_scale: float) -> list[tuple[nn.Parameter, float]]:
@@ -486,9 +490,7 @@ def _refit_output_projection(attn, inputs, targets) -> tuple[list[torch.Tensor],
         if with_bias:
             projection.bias.copy_(solution[-1])
     outputs = [projection(head) for head in heads]
-    error = sum((output.double() - target.double()).pow(2).sum().item()
-                for output, target in zip(outputs, targets, strict=True))  # fmt: skip
-    return outputs, error
+    return outputs, _squared_error(outputs, targets)
 
 
 def _pca_start(attn, heads: int, inputs, stats: _LayerStats, weighted: bool = False) -> None:
