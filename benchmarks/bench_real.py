@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="a converted MEA folder of SmolLM2-135M-Instruct (default: fetch + convert)")
     parser.add_argument("--kv-heads", default="2,1", help="target component heads, comma-separated")
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS)
+    parser.add_argument("--calib-blocks", type=int, help=f"default by composition: {CALIB_BLOCKS}")
     parser.add_argument("--calib-steps", type=int, help=f"default by composition: {CALIB_STEPS}")
     parser.add_argument("--calib-query-stride", type=int, default=CALIB_QUERY_STRIDE,
                         help="calib compares outputs at every N-th position")  # fmt: skip
@@ -206,8 +206,11 @@ def main(argv=None) -> int:
     data = out / "english"
     write_distill_data(data, texts, args.distill_data)
     calib_all = pack_blocks(tokenizer, texts["train"], args.block_size)
-    calib_blocks = calib_all[: args.calib_blocks]
-    sensitivity_blocks = calib_all[args.calib_blocks : args.calib_blocks + args.sensitivity_blocks]
+    block_counts = {composition: CALIB_BLOCKS[composition] if args.calib_blocks is None else args.calib_blocks
+                    for composition in CALIB_BLOCKS}  # fmt: skip
+    calib_blocks = {composition: calib_all[:count] for composition, count in block_counts.items()}
+    first = max(block_counts.values())  # the sensitivity blocks follow every composition's calibration blocks
+    sensitivity_blocks = calib_all[first : first + args.sensitivity_blocks]
     eval_blocks = pack_blocks(tokenizer, texts["validation"], args.block_size, args.eval_blocks)
     results = {"config": vars(args), "machine": machine_info(), "eval_tokens": eval_blocks.numel(), "variants": {},
                "samples": {}}  # fmt: skip
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 label = method if composition == "scalar" else f"{method} banded"
                 _, compressed = pipeline.compress(
-                    converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks,
+                    converted_folder, out / f"{label.replace(' ', '-')}-{heads}", heads, method, calib_blocks[composition],
                     composition=composition, progress=True, **calib_options(args),
                 )  # fmt: skip
                 record(f"{label} 3->{heads}", compressed, time.perf_counter() - started)
@@ -240,7 +243,8 @@ def main(argv=None) -> int:
             report = layer_sensitivity(model, heads, sensitivity_blocks, "svd")
             layers = suggest_layers(report, (1 + heads / 3) / 2)
             _, compressed = pipeline.compress(converted_folder, out / f"calib-banded-{heads}-budget", heads, "calib",
-                                              calib_blocks, layers=layers, composition="banded", **calib_options(args))
+                                              calib_blocks["banded"], layers=layers, composition="banded",
+                                              **calib_options(args))  # fmt: skip
             record(f"calib banded 3->{heads} sensitive-half", compressed, time.perf_counter() - started, layers=layers)
         if args.distill_tokens and heads in args.distill_kv_heads:
             started = time.perf_counter()

@@ -41,7 +41,9 @@ def add_arguments(parser) -> None:
         "default: the model's own (scalar for converted models)",
     )  # fmt: skip
     parser.add_argument("--calib-data", default="builtin", help="'builtin', a .txt/.jsonl file or folder (train split)")
-    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS, help="calibration blocks (calib)")
+    parser.add_argument(
+        "--calib-blocks", type=int, help=f"calibration blocks (calib; default by composition: {CALIB_BLOCKS})"
+    )
     parser.add_argument(
         "--calib-steps", type=int,
         help=f"refinement steps per layer (calib; 0: best start only; default by composition: {CALIB_STEPS})",
@@ -112,9 +114,9 @@ def run(args) -> int:
     model, tokenizer = load_folder(args.model, args.dtype)
     calib_blocks = None
     if args.method == "calib":
-        calib_blocks = token_blocks(
-            tokenizer, args.calib_data, "train", args.calib_blocks, args.calib_block_size, "calibration"
-        )
+        composition = args.composition or config.composition
+        count = CALIB_BLOCKS[composition] if args.calib_blocks is None else args.calib_blocks
+        calib_blocks = token_blocks(tokenizer, args.calib_data, "train", count, args.calib_block_size, "calibration")
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
         progress=True, composition=args.composition, calib_query_stride=args.calib_query_stride,

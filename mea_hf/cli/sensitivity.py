@@ -26,7 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default="builtin", help="'builtin' or a .txt/.jsonl file/folder (validation split)")
     parser.add_argument("--val-blocks", type=int, default=16, help="held-out blocks the loss is measured on")
     parser.add_argument("--block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE)
-    parser.add_argument("--calib-blocks", type=int, default=CALIB_BLOCKS, help="train-split blocks (calib)")
+    parser.add_argument(
+        "--calib-blocks", type=int, help=f"train-split blocks (calib; default by the model's composition: {CALIB_BLOCKS})"
+    )
     parser.add_argument("--budget", type=float, default=0.75, help="KV fraction the suggested layer set reaches")
     parser.add_argument("--out", required=True, help="output folder for sensitivity.json and sensitivity.png")
     parser.add_argument("--overwrite", action="store_true")
@@ -43,7 +45,8 @@ def run(args) -> int:
     val_blocks = token_blocks(tokenizer, args.data, "validation", args.val_blocks, args.block_size, "validation")
     calib_blocks = None
     if args.method == "calib":
-        calib_blocks = token_blocks(tokenizer, args.data, "train", args.calib_blocks, args.block_size, "calibration")
+        count = CALIB_BLOCKS[config.composition] if args.calib_blocks is None else args.calib_blocks
+        calib_blocks = token_blocks(tokenizer, args.data, "train", count, args.block_size, "calibration")
     report = {"model": str(args.model), **layer_sensitivity(model, kv_heads, val_blocks, args.method, calib_blocks)}
     report["budget"] = args.budget
     report["suggested_layers"] = suggest_layers(report, args.budget)

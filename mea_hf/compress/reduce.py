@@ -60,20 +60,24 @@ from . import factors
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
-# How many calibration blocks (of 256 tokens, say) `mea compress` and the benchmarks take by default. On SmolLM2-135M
-# banded 3 -> 2 with the then 45 steps of 16 blocks, bits/byte at q/o scale 1 (and 0.5): 16 blocks +3.57% (+3.31%), 32
-# +3.36% (+3.10%), 40 +3.15% (+2.98%), 48 +2.73%; the 30 layers took 145 / 166 / 176 (171) / 193 s on one idle 2-core
-# machine (only the start, its checks and the forward passes grow with the blocks). Fewer blocks for more steps did
-# not pay at 3 -> 1: 32 blocks with 330 steps of 2 gave +15.5% in 180 s, 40 blocks with 300 steps of 2 +15.4% in 197 s.
-CALIB_BLOCKS = 40
+# How many calibration blocks (of 256 tokens, say) `mea compress`, `mea sensitivity` and the benchmarks take by default,
+# by composition. Before the o_proj refit, on SmolLM2-135M banded 3 -> 2 with 45 steps of 16 blocks, bits/byte at q/o
+# scale 1 (and 0.5): 16 blocks +3.57% (+3.31%), 32 +3.36% (+3.10%), 40 +3.15% (+2.98%), 48 +2.73%, in 145 / 166 / 176
+# (171) / 193 s on one idle 2-core machine (only the start, its checks and the forward passes grow with the blocks);
+# scalar calib keeps that 40. Since banded layers refit o_proj over every block and position (`CALIB_OUTPUT_REFIT`),
+# more text pays more than more steps: with 200 steps of 2 blocks, 3 -> 1 gave +15.36% with 40 blocks, +13.98% with 60
+# and +12.91% with 80 (80 blocks with 100 steps +15.54%), 3 -> 2 +2.49% with 60 and +2.21% with 80 (60 blocks with 100
+# steps +3.00%). 60 is what keeps both cuts under 3 minutes: 173 s / 168 s (3 -> 2 / 3 -> 1) against 186 s / 192 s
+# for 80, in one run, alone, on a 2-core AVX2 machine (`benchmarks/bench_real.py`, load, compress and save).
+CALIB_BLOCKS = {"scalar": 40, "banded": 60}
 # Refinement steps per layer, by composition. Every step costs the same (no early stop: the step sizes follow a fixed
-# cosine). Banded: 300 steps of `CALIB_STEP_BLOCKS` blocks (see there for the time). Smaller, more numerous steps are
-# what 3 -> 1 wants (bits/byte against the converted model; 40 blocks; seconds of the compression alone, with o_proj
-# still moved by Adam, one AVX-512 machine): 45 steps of 16 blocks +19.6% (170 s), 90 of 16 +16.5% (271 s), 90 of 8
-# +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s), 600 of 2 +13.7% (329 s).
+# cosine). Smaller, more numerous steps are what 3 -> 1 wants (bits/byte against the converted model; 40 blocks;
+# seconds of the compression alone, with o_proj still moved by Adam, one AVX-512 machine): 45 steps of 16 blocks
+# +19.6% (170 s), 90 of 16 +16.5% (271 s), 90 of 8 +17.1% (180 s), 180 of 4 +15.6% (196 s), 300 of 2 +15.4% (197 s),
+# 600 of 2 +13.7% (329 s). Banded: 200 steps of `CALIB_STEP_BLOCKS` with `CALIB_BLOCKS` (see there).
 # Scalar HLC keeps the earlier 45 steps of 16 blocks: 128 of 4 made scalar calib worse (3 -> 2 +28.9% against +25.0%,
 # 3 -> 1 +207% against +81.6%).
-CALIB_STEPS = {"scalar": 45, "banded": 300}
+CALIB_STEPS = {"scalar": 45, "banded": 200}
 # Each step compares the attention output at every 4th position (4 offsets in turn); keys and values still cover every
 # position, so a step does a quarter of the attention and o_proj work. Measured on SmolLM2-135M banded 3 -> 2 when the
 # rows were still fixed (before q/o were refined): +4.24% bits/byte against +3.71% comparing every position
@@ -89,8 +93,8 @@ CALIB_LR = 0.018
 # start, its error and the final check still use every block. A step of 4 blocks costs about a third of one of 16, so
 # the 3-minute budget bought 128 steps instead of 45: on SmolLM2-135M banded, +2.70% bits/byte at 3 -> 2 (was +2.98%)
 # and +16.8% at 3 -> 1 (was +19.6%). Since o_proj is refit in closed form (`CALIB_OUTPUT_RIDGE`) instead of moving
-# with Adam, steps are cheaper, and 300 steps of 2 blocks give +2.68% and +14.45% (291 s and 256 s on one 2-core AVX2
-# machine, where 128 of 4 with o_proj in Adam took 203 s at 3 -> 1 the same day). Scalar HLC keeps 16 (above).
+# with Adam, steps are cheaper: with 40 blocks, 300 steps of 2 blocks gave +2.68% and +14.45% (291 s and 256 s on one
+# 2-core AVX2 machine, where 128 of 4 with o_proj in Adam took 203 s at 3 -> 1 the same day). Scalar HLC keeps 16.
 CALIB_STEP_BLOCKS = {"scalar": 16, "banded": 2}
 # The step size of the layer's own q projection (which only adapts to the new keys), as a fraction of that of the new
 # k/v projections and HLC, by default set by how much of its KV a layer keeps (`calib_q_scale_for`). A smaller one fits
@@ -124,8 +128,8 @@ def calib_q_scale_for(heads: int, kv_heads: int) -> float:
 class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `q_scale`
     times that for the layer's q projection and, in scalar layers, o_proj; None: `calib_q_scale_for` the layer),
-    each comparing every `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None take the default
-    of the model's composition (`for_composition`)."""
+    each comparing every `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None
+    take the default of the model's composition (`for_composition`)."""
 
     steps: int | None = None
     query_stride: int = CALIB_QUERY_STRIDE
@@ -461,15 +465,14 @@ def _refit_output_projection(attn, inputs, targets) -> tuple[list[torch.Tensor],
     output is linear in o_proj, so the best o_proj over `inputs` [(normed, extras)] and `targets` is one solve of a
     (H*d) x (H*d) system. The pull, `CALIB_OUTPUT_RIDGE` times the mean diagonal of the inputs' Gram matrix, keeps it
     from fitting the calibration text's noise; it cannot raise the error (the current weights are a candidate).
+    Each batch's Gram and cross products are float32 (half the time of float64), summed and solved in float64.
     Returns the new outputs and `attention_output_error`."""
-    heads = []
-    hook = attn.o_proj.register_forward_hook(lambda module, args, output: heads.append(args[0]))
-    try:
-        for normed, extras in inputs:
-            _attention_output(attn, normed, extras)
-    finally:
-        hook.remove()
     projection = attn.o_proj
+    attn.o_proj = nn.Identity()  # the attention outputs are then o_proj's inputs
+    try:
+        heads = [_attention_output(attn, normed, extras) for normed, extras in inputs]
+    finally:
+        attn.o_proj = projection
     with_bias = projection.bias is not None
     current = projection.weight.detach().double().t()  # (H*d, hidden)
     if with_bias:
@@ -477,11 +480,11 @@ def _refit_output_projection(attn, inputs, targets) -> tuple[list[torch.Tensor],
     gram = torch.zeros(current.shape[0], current.shape[0], dtype=torch.float64, device=current.device)
     cross = torch.zeros_like(current)
     for head, target in zip(heads, targets, strict=True):
-        rows = head.reshape(-1, head.shape[-1]).double()
+        rows = head.reshape(-1, head.shape[-1]).float()
         if with_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         gram += rows.t() @ rows
-        cross += rows.t() @ target.reshape(-1, target.shape[-1]).double()
+        cross += rows.t() @ target.reshape(-1, target.shape[-1]).float()
     pull = CALIB_OUTPUT_RIDGE * gram.diagonal().mean()
     solution = torch.linalg.solve(gram + pull * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
                                   cross + pull * current)  # fmt: skip

@@ -109,3 +109,33 @@ def test_cli_compress_banded_round_trips(tmp_path, tokenizer):
     ids = random_blocks(vocab=len(tokenizer))
     torch.testing.assert_close(logits(loaded, ids), logits(expected, ids))
     assert "banded composition" in (out / "README.md").read_text()
+
+
+def test_cli_calib_blocks_default_follows_the_composition(tmp_path, tokenizer):
+    """Without --calib-blocks, `mea compress --method calib` takes `CALIB_BLOCKS` of the composition it compresses
+    into: the banded result equals `reduce_kv_heads` on that many blocks of the same data, and differs from the
+    scalar default's count."""
+    from mea_hf.compress.reduce import CALIB_BLOCKS
+    from mea_hf.data.loading import token_blocks
+    from mea_hf.hub import save_folder
+
+    assert CALIB_BLOCKS["banded"] != CALIB_BLOCKS["scalar"]
+    model = make_model(vocab_size=len(tokenizer))
+    save_folder(model, tmp_path / "mea", tokenizer)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(4000)))
+    out = tmp_path / "banded"
+    args = ["compress", "--model", str(tmp_path / "mea"), "--kv-heads", "2", "--composition", "banded", "--method",
+            "calib", "--calib-data", str(text), "--calib-block-size", "16", "--calib-steps", "0", "--out", str(out)]
+    assert mea_main(args) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+
+    def by_hand(count):
+        blocks = token_blocks(tokenizer, str(text), "train", count, 16, "calibration")
+        return reduce_kv_heads(copy.deepcopy(model), 2, method="calib", composition="banded", calib_blocks=blocks,
+                               calib_steps=0).state_dict()  # fmt: skip
+
+    for name, tensor in by_hand(CALIB_BLOCKS["banded"]).items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)
+    other = by_hand(CALIB_BLOCKS["scalar"])
+    assert not all(torch.equal(other[name], loaded[name]) for name in other)
