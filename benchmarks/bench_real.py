@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from mea_hf.compress import CALIB_BLOCKS, CALIB_LR, CALIB_QUERY_STRIDE, CALIB_STEP_BLOCKS, CALIB_STEPS
+from mea_hf.compress import (
+    CALIB_BLOCKS,
+    CALIB_LR,
+    CALIB_QUERY_STRIDE,
+    CALIB_STEP_BLOCKS,
+    CALIB_STEPS,
+    calib_blocks_for,
+)
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, split_by_name, stdlib_docstrings
 from mea_hf.data.loading import pack_blocks
@@ -206,8 +213,7 @@ def main(argv=None) -> int:
     data = out / "english"
     write_distill_data(data, texts, args.distill_data)
     calib_all = pack_blocks(tokenizer, texts["train"], args.block_size)
-    block_counts = {composition: CALIB_BLOCKS[composition] if args.calib_blocks is None else args.calib_blocks
-                    for composition in CALIB_BLOCKS}  # fmt: skip
+    block_counts = {composition: calib_blocks_for(composition, args.calib_blocks) for composition in CALIB_BLOCKS}
     calib_blocks = {composition: calib_all[:count] for composition, count in block_counts.items()}
     first = max(block_counts.values())  # the sensitivity blocks follow every composition's calibration blocks
     sensitivity_blocks = calib_all[first : first + args.sensitivity_blocks]

@@ -9,6 +9,7 @@ from ..compress.reduce import (
     CALIB_STEP_BLOCKS,
     CALIB_STEPS,
     METHODS,
+    calib_blocks_for,
     check_composition,
     describe_compression,
     parse_layers,
@@ -114,8 +115,7 @@ def run(args) -> int:
     model, tokenizer = load_folder(args.model, args.dtype)
     calib_blocks = None
     if args.method == "calib":
-        composition = args.composition or config.composition
-        count = CALIB_BLOCKS[composition] if args.calib_blocks is None else args.calib_blocks
+        count = calib_blocks_for(args.composition or config.composition, args.calib_blocks)
         calib_blocks = token_blocks(tokenizer, args.calib_data, "train", count, args.calib_block_size, "calibration")
     reduce_kv_heads(
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,

@@ -4,7 +4,7 @@ a KV budget (the library side is `mea_hf.compress.sensitivity`)."""
 import math
 from pathlib import Path
 
-from ..compress.reduce import CALIB_BLOCKS, METHODS
+from ..compress.reduce import CALIB_BLOCKS, METHODS, calib_blocks_for
 from ..compress.sensitivity import (
     PLOT_NAME,
     REPORT_NAME,
@@ -45,7 +45,7 @@ def run(args) -> int:
     val_blocks = token_blocks(tokenizer, args.data, "validation", args.val_blocks, args.block_size, "validation")
     calib_blocks = None
     if args.method == "calib":
-        count = CALIB_BLOCKS[config.composition] if args.calib_blocks is None else args.calib_blocks
+        count = calib_blocks_for(config.composition, args.calib_blocks)
         calib_blocks = token_blocks(tokenizer, args.data, "train", count, args.block_size, "calibration")
     report = {"model": str(args.model), **layer_sensitivity(model, kv_heads, val_blocks, args.method, calib_blocks)}
     report["budget"] = args.budget

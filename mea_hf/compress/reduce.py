@@ -118,6 +118,11 @@ CALIB_OUTPUT_RIDGE = 0.1
 CALIB_OUTPUT_REFIT = {"scalar": False, "banded": True}
 
 
+def calib_blocks_for(composition: str, requested: int | None = None) -> int:
+    """How many calibration blocks to take: `requested`, or `CALIB_BLOCKS` of `composition` when it is None."""
+    return CALIB_BLOCKS[composition] if requested is None else requested
+
+
 def calib_q_scale_for(heads: int, kv_heads: int) -> float:
     """calib's default q step-size scale for a layer cut from `kv_heads` to `heads` component heads:
     `CALIB_Q_SCALE_MILD` if it keeps at least half of them, else `CALIB_Q_SCALE_HARSH`."""
@@ -719,6 +724,7 @@ __all__ = [
     "CALIB_STEP_BLOCKS",
     "METHODS",
     "attention_output_error",
+    "calib_blocks_for",
     "calib_q_scale_for",
     "check_composition",
     "effective_projection",
