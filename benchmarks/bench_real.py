@@ -12,8 +12,8 @@ Steps (each a real `mea_hf` call):
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
    (`mea train --teacher`, all parameters, `--distill-tokens`);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
-   samples, written as results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png
-   and results.md.
+   samples of four prompts with their share of repeated token 4-grams (`mea_hf.evaluation.repetition`), written as
+   results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png and results.md.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_real.py --out runs/bench_real                 # full run (hours on CPU)
     python benchmarks/bench_real.py --out runs/bench_real_short --short                      # a quick check
@@ -44,6 +44,7 @@ from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, split_by_name, stdlib_docstrings
 from mea_hf.data.loading import pack_blocks
 from mea_hf.evaluation.loss import mean_token_loss
+from mea_hf.evaluation.repetition import repeated_ngram_fraction
 from mea_hf.hub.folders import load_folder
 from mea_hf.memory import kv_fraction
 from mea_hf.recipes import pipeline
@@ -54,7 +55,13 @@ from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
 
 DISTILL_DATA = ("pydoc", "pydoc+docstrings")
-PROMPT = "The three most important things to know about the Python programming language are"
+# Greedy-sample prompts: the first is the one earlier tables used; the others leave the calibration's domain.
+PROMPTS = (
+    "The three most important things to know about the Python programming language are",
+    "Once upon a time, in a small village by the sea,",
+    "The main causes of climate change are",
+    "Photosynthesis is the process by which",
+)
 
 
 def parse_args(argv=None):
@@ -86,7 +93,7 @@ def parse_args(argv=None):
                              "standard-library docstrings (4x the text, so the token budget repeats none of it)")  # fmt: skip
     parser.add_argument("--distill-bf16", action="store_true",
                         help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
-    parser.add_argument("--new-tokens", type=int, default=30, help="greedy sample length")
+    parser.add_argument("--new-tokens", type=int, default=40, help="greedy sample length (tokens, per prompt)")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
     args.kv_heads = head_counts(parser, "--kv-heads", args.kv_heads)
@@ -147,10 +154,15 @@ def bits_per_byte(model, blocks: torch.Tensor, tokenizer) -> float:
 
 
 @torch.no_grad()
-def greedy_sample(model, tokenizer, new_tokens: int) -> str:
-    ids = tokenizer(PROMPT, return_tensors="pt")
-    output = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+def greedy_samples(model, tokenizer, new_tokens: int) -> tuple[list[str], float]:
+    """The greedy continuation of every prompt in `PROMPTS`, and the mean share of their repeated token 4-grams."""
+    texts, repeated = [], []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        continuation = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.input_ids.shape[1] :]
+        texts.append(tokenizer.decode(continuation, skip_special_tokens=True))
+        repeated.append(repeated_ngram_fraction(continuation.tolist()))
+    return texts, sum(repeated) / len(repeated)
 
 
 def original_model(args, out: Path) -> tuple[Path, object]:
@@ -195,9 +207,9 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     base = results["variants"]["converted"]["bpb"]
     rows = [[name, f"{100 * v['kv_fraction']:.1f}%", f"{v['bpb']:.4f}", f"{100 * (v['bpb'] / base - 1):+.2f}%",
-             f"{v.get('seconds', 0):.0f}"] for name, v in results["variants"].items()]  # fmt: skip
-    return markdown_table(["variant", "KV cache", "bits/byte", "vs converted", "seconds"], rows,
-                          [False, True, True, True, True])  # fmt: skip
+             f"{v['repeated_4grams']:.2f}", f"{v.get('seconds', 0):.0f}"] for name, v in results["variants"].items()]  # fmt: skip
+    return markdown_table(["variant", "KV cache", "bits/byte", "vs converted", "repeated 4-grams", "seconds"], rows,
+                          [False, True, True, True, True, True])  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -226,8 +238,9 @@ def main(argv=None) -> int:
         config = variant_model.config
         fraction = kv_fraction(config) if getattr(config, "model_type", "") == "mea" else 1.0
         bpb = bits_per_byte(variant_model, eval_blocks, tokenizer)
-        results["variants"][name] = {"bpb": bpb, "kv_fraction": fraction, "seconds": seconds, **extra}
-        results["samples"][name] = greedy_sample(variant_model, tokenizer, args.new_tokens)
+        results["samples"][name], repeated = greedy_samples(variant_model, tokenizer, args.new_tokens)
+        results["variants"][name] = {"bpb": bpb, "kv_fraction": fraction, "seconds": seconds,
+                                     "repeated_4grams": repeated, **extra}  # fmt: skip
         print(f"{name}: {bpb:.4f} bits/byte, KV {100 * fraction:.1f}%", file=sys.stderr, flush=True)
         atomic_write_json(out / "results.json", results)
 
