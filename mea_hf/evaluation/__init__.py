@@ -1,5 +1,6 @@
 """Measuring models: lm-evaluation-harness runs (`harness.py`, the `mea` lm-eval model in `lm_eval_model.py`),
-comparison tables (`compare.py`), held-out loss (`loss.py`) and decode speed (`speed.py`)."""
+comparison tables (`compare.py`), held-out loss (`loss.py`), decode speed (`speed.py`)
+and how much generated text repeats itself (`repetition.py`)."""
 
 from .harness import OFFLINE_TASKS, evaluate_folder
 
