@@ -80,8 +80,11 @@ def parse_args(argv=None):
     parser.add_argument("--calib-step-blocks", type=int,
                         help=f"blocks per refinement step (default by composition: {CALIB_STEP_BLOCKS})")  # fmt: skip
     parser.add_argument("--calib-lr", type=float, default=CALIB_LR, help="peak refinement step size")
-    parser.add_argument("--calib-q-scale", type=float,
-                        help="q (scalar layers: and o) projection step size, a fraction (default: by the cut)")
+    parser.add_argument(
+        "--calib-q-scale",
+        type=float,
+        help="q (scalar layers: and o) projection step size, a fraction (default: by the cut)",
+    )
     parser.add_argument("--methods", nargs="+", choices=["svd", "calib"], default=["svd", "calib"])
     parser.add_argument("--compositions", nargs="+", choices=["scalar", "banded"], default=["scalar", "banded"])
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -97,8 +100,11 @@ def parse_args(argv=None):
     parser.add_argument("--distill-data", default="pydoc+docstrings",
                         help="distillation text, as --calib-data (the default is 4x the pydoc topics' text, so the "
                              "token budget repeats none of it)")  # fmt: skip
-    parser.add_argument("--distill-bf16", action="store_true",
-                        help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)")
+    parser.add_argument(
+        "--distill-bf16",
+        action="store_true",
+        help="bf16 autocast for student and teacher (1.5x faster on a CPU with AVX512-BF16)",
+    )
     parser.add_argument("--new-tokens", type=int, default=40, help="greedy sample length (tokens, per prompt)")
     parser.add_argument("--short", action="store_true", help="tiny sizes everywhere: checks the benchmark runs")
     args = parser.parse_args(argv)
@@ -109,7 +115,9 @@ def parse_args(argv=None):
     if not set(args.distill_kv_heads) <= set(args.kv_heads):
         parser.error(f"--distill-kv-heads {args.distill_kv_heads} must be among --kv-heads {args.kv_heads}.")
     if args.distill_tokens and not ("calib" in args.methods and "banded" in args.compositions):
-        parser.error("the distillation recovers the banded calib model: keep 'calib' and 'banded' or --distill-tokens 0.")
+        parser.error(
+            "the distillation recovers the banded calib model: keep 'calib' and 'banded' or --distill-tokens 0."
+        )
     if args.short:
         args.block_size, args.calib_blocks, args.calib_steps, args.eval_blocks = 64, 4, 2, 4
         args.sensitivity_blocks, args.distill_tokens, args.new_tokens = 0, 512, 8
