@@ -12,7 +12,8 @@ Steps (each a real `mea_hf` call):
    `composition="banded"` (complex key weights per RoPE pair, d x d value maps; same cache size); banded `calib` on
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
-   (`mea train --teacher`, all parameters, `--distill-tokens`);
+   (`mea train --teacher`, all parameters, `--distill-tokens`; `--distill-on-policy` lets the student write part of
+   its training text, `mea_hf.training.on_policy`);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
    samples of four prompts with their share of repeated token 4-grams (`mea_hf.evaluation.repetition`), written as
    results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png and results.md.
@@ -100,6 +101,10 @@ def parse_args(argv=None):
     parser.add_argument("--distill-data", default="pydoc+docstrings",
                         help="distillation text, as --calib-data (the default is 4x the pydoc topics' text, so the "
                              "token budget repeats none of it)")  # fmt: skip
+    parser.add_argument("--distill-on-policy", type=float, default=0.0, metavar="FRACTION",
+                        help="share of distillation micro-batches the student continues itself (on-policy)")  # fmt: skip
+    parser.add_argument("--distill-on-policy-temperature", type=float, default=0.0,
+                        help="sampling temperature of those continuations (0: greedy, the decoding the samples use)")  # fmt: skip
     parser.add_argument(
         "--distill-bf16",
         action="store_true",
@@ -221,7 +226,8 @@ def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
         "data": str(data), "block_size": args.block_size, "batch_size": 8, "max_tokens": args.distill_tokens,
         "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr, "bf16": args.distill_bf16,
         "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
-        "cache_dir": str(out.parent / "cache"),
+        "cache_dir": str(out.parent / "cache"), "on_policy_fraction": args.distill_on_policy,
+        "on_policy_temperature": args.distill_on_policy_temperature,
     })  # fmt: skip
 
 
@@ -313,7 +319,8 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             summary = distill(args, out / f"calib-banded-{heads}", converted_folder, data, out / f"distill-{heads}")
             recovered, _ = load_folder(summary["final_dir"], "float32")
-            record(f"calib banded 3->{heads} + distill", recovered, time.perf_counter() - started,
+            on_policy = f" (on-policy {args.distill_on_policy:g})" if args.distill_on_policy else ""
+            record(f"calib banded 3->{heads} + distill{on_policy}", recovered, time.perf_counter() - started,
                    tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
     results["load_average_1min_after"] = os.getloadavg()[0]
     atomic_write_json(out / "results.json", results)

@@ -38,6 +38,7 @@ from .checkpoints import (
 )
 from .distill import apply_train_only, distillation_loss, load_teacher, mean_kl
 from .models import load_initial_model, load_tokenizer
+from .on_policy import is_on_policy, sample_seed, student_continuations
 from .optim import optimizer_and_scheduler
 from .settings import TrainSettings
 
@@ -124,7 +125,7 @@ def _accelerator(s: TrainSettings):
 
 def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     """Accelerator, output folder, tokenizer and token blocks, model, optimiser and schedule; resumed if asked."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..data.loading import cached_blocks
@@ -159,6 +160,9 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     model = load_initial_model(s, tokenizer)
     apply_train_only(model, s.train_only)
     teacher = None if s.teacher is None else load_teacher(s.teacher, model, tokenizer, accelerator.device)
+    if s.on_policy_fraction and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("setting `on_policy_fraction`: the student generates its continuations unsharded; on-policy "
+                         "distillation runs on one process or under DDP, not FSDP or DeepSpeed.")  # fmt: skip
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer, scheduler = optimizer_and_scheduler(model, s, accelerator.device)
@@ -184,36 +188,55 @@ def _micro_batches(accelerator, loader, start: int):
         epoch, skip = epoch + 1, 0
 
 
-def _optimizer_step(run: _Run, batches) -> tuple[float, float | None]:
-    """One optimizer step over `grad_accum` micro-batches: (mean loss over all processes, gradient norm)."""
+def _optimizer_step(run: _Run, batches) -> tuple[float, float | None, float | None]:
+    """One optimizer step over `grad_accum` micro-batches: (mean loss over all processes, gradient norm, mean loss of
+    its on-policy micro-batches or None)."""
     s, accelerator, model = run.settings, run.accelerator, run.model
-    losses, grad_norm = [], None
-    for _ in range(s.grad_accum):
+    losses, on_policy_losses, grad_norm = [], [], None
+    for index in range(s.grad_accum):
         input_ids = next(batches)[0].long()  # blocks are stored as int32
-        run.emit("batch", step=run.state["step"], input_ids=input_ids)
+        micro_batch = run.state["step"] * s.grad_accum + index
+        on_policy = is_on_policy(s.seed, micro_batch, s.on_policy_fraction)
+        if on_policy:
+            seed = sample_seed(s.seed, micro_batch, accelerator.process_index)
+            with accelerator.autocast():
+                input_ids = student_continuations(accelerator.unwrap_model(model), input_ids,
+                                                  s.on_policy_prompt_tokens, s.on_policy_temperature, seed)  # fmt: skip
+        run.emit("batch", step=run.state["step"], input_ids=input_ids, on_policy=on_policy)
         with accelerator.accumulate(model):
-            loss = _loss(run, input_ids)
+            # on-policy: score the positions that predict the student's tokens, from the prompt's last one on
+            loss = _loss(run, input_ids, s.on_policy_prompt_tokens - 1 if on_policy else None)
             accelerator.backward(loss)
-            losses.append(loss.detach().float())
+            (on_policy_losses if on_policy else losses).append(loss.detach().float())
             if accelerator.sync_gradients:
                 if s.grad_clip > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), s.grad_clip))
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad()
-    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(), grad_norm
+    mean = accelerator.reduce(torch.stack(losses + on_policy_losses).mean(), reduction="mean").item()
+    # every process draws the same on-policy micro-batches (is_on_policy), so all of them reduce here or none does
+    on_policy_mean = (accelerator.reduce(torch.stack(on_policy_losses).mean(), reduction="mean").item()
+                      if on_policy_losses else None)  # fmt: skip
+    return mean, grad_norm, on_policy_mean
 
 
-def _loss(run: _Run, input_ids: torch.Tensor) -> torch.Tensor:
-    """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py)."""
+def _loss(run: _Run, input_ids: torch.Tensor, on_policy_from: int | None = None) -> torch.Tensor:
+    """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py). On an on-policy
+    micro-batch (the student wrote the tokens that positions `on_policy_from` on predict) only the KL there: an LM
+    loss would train the student on its own samples."""
     s = run.settings
     if run.teacher is None:
         return run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-    lm = s.distill_alpha < 1
+    lm = s.distill_alpha < 1 and on_policy_from is None
     output = run.model(input_ids=input_ids, labels=input_ids if lm else None, use_cache=False)
     with torch.no_grad(), run.accelerator.autocast():  # the teacher in the student's precision (bf16 if asked)
         teacher_logits = run.teacher(input_ids=input_ids, use_cache=False).logits
-    loss = s.distill_alpha * distillation_loss(output.logits, teacher_logits, s.distill_temperature)
+    first = on_policy_from or 0
+    kl = distillation_loss(output.logits[:, first:], teacher_logits[:, first:], s.distill_temperature)
+    if on_policy_from is not None:
+        return kl
+    loss = s.distill_alpha * kl
     return loss + (1 - s.distill_alpha) * output.loss if lm else loss
 
 
@@ -232,11 +255,12 @@ def _loop(run: _Run) -> tuple[float | None, bool]:
     run.model.train()
     while state["step"] < s.max_steps:
         started, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
-        loss, grad_norm = _optimizer_step(run, batches)
+        loss, grad_norm, on_policy_loss = _optimizer_step(run, batches)
         state["step"] += 1
         state["tokens_seen"] += tokens_per_step
         state["train_seconds"] += time.perf_counter() - started
-        run.log.write(step=state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens_seen"])
+        extra = {} if on_policy_loss is None else {"on_policy_loss": on_policy_loss}
+        run.log.write(step=state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens_seen"], **extra)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         run.emit("step", step=state["step"], loss=loss)
@@ -317,7 +341,17 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         f"`{s.data}`: {tokens_seen:,} tokens, block size {s.block_size}, AdamW lr {s.lr:g} "
         f"(weight decay {s.weight_decay:g}), {s.schedule} schedule with {s.warmup_steps} "
         f"warmup steps to {s.min_lr_ratio:g} x lr, {s.max_steps} steps, seed {s.seed}."
-        + (f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
-           f" + {1 - s.distill_alpha:g} x LM loss)." if s.teacher else "")
+        + (
+            f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
+            f" + {1 - s.distill_alpha:g} x LM loss)."
+            if s.teacher
+            else ""
+        )
+        + (
+            f" On-policy: {s.on_policy_fraction:g} of the micro-batches were the student's own continuations of their "
+            f"first {s.on_policy_prompt_tokens} tokens (temperature {s.on_policy_temperature:g}), scored by KL alone."
+            if s.teacher and s.on_policy_fraction
+            else ""
+        )
         + (" Only the attention parameters were trained." if s.train_only == "attention" else "")
     )

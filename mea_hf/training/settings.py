@@ -55,6 +55,9 @@ class TrainSettings:
     distill_alpha: float = 1.0  # with `teacher`: loss = alpha * KL + (1 - alpha) * LM loss
     distill_temperature: float = 1.0  # with `teacher`: softmax temperature of both distributions
     train_only: str = "all"  # "all" or "attention" (freeze embeddings, MLPs, norms and the LM head)
+    on_policy_fraction: float = 0.0  # with `teacher`: share of micro-batches the student writes itself (on_policy.py)
+    on_policy_prompt_tokens: int = 32  # tokens of each block kept as the prompt of an on-policy micro-batch
+    on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations; 0: greedy
 
     @classmethod
     def from_dict(cls, settings: "dict | TrainSettings") -> "TrainSettings":
@@ -99,9 +102,18 @@ class TrainSettings:
             raise ValueError(f"setting `distill_alpha` must be in [0, 1], got {self.distill_alpha}.")
         if self.distill_temperature <= 0:
             raise ValueError(f"setting `distill_temperature` must be positive, got {self.distill_temperature}.")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise ValueError(f"setting `on_policy_fraction` must be in [0, 1], got {self.on_policy_fraction}.")
+        if self.on_policy_fraction and not 1 <= self.on_policy_prompt_tokens < self.block_size:
+            raise ValueError(f"setting `on_policy_prompt_tokens` must be in [1, block_size {self.block_size}), got "
+                             f"{self.on_policy_prompt_tokens}: the student must write at least one token.")  # fmt: skip
+        if self.on_policy_temperature < 0:
+            raise ValueError(f"setting `on_policy_temperature` must be >= 0 (0: greedy), got "
+                             f"{self.on_policy_temperature}.")  # fmt: skip
         if self.teacher is None:
-            if self.distill_alpha != 1 or self.distill_temperature != 1:
-                raise ValueError("settings `distill_alpha` and `distill_temperature` need a `teacher` folder.")
+            if self.distill_alpha != 1 or self.distill_temperature != 1 or self.on_policy_fraction:
+                raise ValueError("settings `distill_alpha`, `distill_temperature` and `on_policy_fraction` need a "
+                                 "`teacher` folder.")  # fmt: skip
             return
         if not self.init_from:
             raise ValueError("setting `teacher` needs `init_from` (the student folder, with the teacher's tokenizer); "

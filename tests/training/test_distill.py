@@ -1,5 +1,7 @@
 """Recovery by distillation (`mea train --teacher`): KL to a teacher's logits, train-only-attention, settings."""
 
+import shutil
+
 import pytest
 import torch
 from helpers import perturb_, tiny_model
@@ -112,6 +114,11 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
         ({"max_tokens": -1}, "max_tokens"),
         ({"save_every": 0, "resume": True}, "resume"),
         ({"teacher": None, "distill_alpha": 0.5}, "need a `teacher`"),
+        ({"teacher": None, "on_policy_fraction": 0.5, "on_policy_prompt_tokens": 8}, "need a `teacher`"),
+        ({"on_policy_fraction": 1.5}, "on_policy_fraction"),
+        ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 32}, "on_policy_prompt_tokens"),
+        ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 0}, "on_policy_prompt_tokens"),
+        ({"on_policy_temperature": -1.0}, "on_policy_temperature"),
         ({"init_from": None, "model": "tiny-mea"}, "needs `init_from`"),
         ({"tokenizer": str(folders / "student")}, "`tokenizer`"),
     ]
@@ -137,3 +144,65 @@ def test_cli_distills_with_flags(folders, tmp_path):
             "--no-progress", "--out", str(out)]  # fmt: skip
     assert cli_main(args) == 0
     assert (out / "final" / "model.safetensors").is_file() and not checkpoint_dirs(out)
+
+
+def test_on_policy_micro_batch_is_the_students_greedy_continuation_scored_by_kl(folders, tmp_path, tokenizer):
+    """fraction 1, temperature 0: every block keeps its first 8 tokens and the rest is what `generate()` (greedy)
+    writes; the first step's loss is the KL at the positions that predict the student's tokens, computed by hand."""
+    seen = []
+    summary = train(_settings(folders, tmp_path, on_policy_fraction=1.0, on_policy_prompt_tokens=8,
+                              on_policy_temperature=0.0, max_steps=2),
+                    on_event=lambda event, **info: seen.append(info) if event == "batch" else None)  # fmt: skip
+    assert len(seen) == 2 and all(info["on_policy"] for info in seen)
+    student = AutoModelForCausalLM.from_pretrained(folders / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(folders / "teacher").eval()
+    first = seen[0]["input_ids"]
+    data_blocks = cached_blocks(tokenizer, "builtin", "train", 32)
+    assert any(torch.equal(first[0, :8], block[:8].long()) for block in data_blocks)  # the prompt is a data block's
+    with torch.no_grad():
+        greedy = student.generate(input_ids=first[:, :8], attention_mask=torch.ones_like(first[:, :8]),
+                                  max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)  # fmt: skip
+        assert torch.equal(first, greedy)
+        expected = distillation_loss(student(first).logits[:, 7:], teacher(first).logits[:, 7:]).item()
+        everywhere = distillation_loss(student(first).logits, teacher(first).logits).item()
+    records = [record for record in read_metrics(summary["out_dir"]) if "loss" in record]
+    assert records[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert records[0]["on_policy_loss"] == records[0]["loss"] and abs(everywhere - expected) > 1e-4 * expected
+    assert "On-policy: 1 of the micro-batches" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+def test_on_policy_share_and_samples_are_seeded_and_resume_exactly(folders, tmp_path):
+    """fraction 0.5 at temperature 1 over 6 micro-batches (grad_accum 2): both kinds occur, the on-policy ones are
+    sampled (not greedy), the same seed draws the same batches, and a run resumed from a checkpoint logs what the
+    uninterrupted run logged."""
+
+    def run(out, **overrides):
+        seen = []
+        settings = _settings(folders, tmp_path, on_policy_fraction=0.5, on_policy_prompt_tokens=4, grad_accum=2,
+                             max_steps=3, save_every=1, out=str(out), **overrides)  # fmt: skip
+        summary = train(settings, on_event=lambda event, **info: seen.append(info) if event == "batch" else None)
+        return summary, seen
+
+    reference, batches = run(tmp_path / "reference")
+    kinds = [info["on_policy"] for info in batches]
+    assert len(kinds) == 6 and 0 < sum(kinds) < 6
+    _, batches_again = run(tmp_path / "again")
+    assert [info["on_policy"] for info in batches_again] == kinds
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, batches_again))
+    student = AutoModelForCausalLM.from_pretrained(folders / "student").eval()
+    sampled = next(info["input_ids"] for info in batches if info["on_policy"] and info["step"] == 0)
+    with torch.no_grad():
+        greedy = student.generate(input_ids=sampled[:, :4], attention_mask=torch.ones_like(sampled[:, :4]),
+                                  max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert not torch.equal(sampled, greedy)
+    records = read_metrics(reference["out_dir"])
+    assert any("on_policy_loss" in record for record in records)
+
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "reference", interrupted)
+    shutil.rmtree(interrupted / "final")
+    shutil.rmtree(checkpoint_dirs(interrupted)[-1])  # resume from step 2
+    resumed, resumed_batches = run(interrupted, resume=True)
+    assert [info["step"] for info in resumed_batches] == [2, 2]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed_batches, batches[4:], strict=True))
+    assert read_metrics(resumed["out_dir"]) == records
