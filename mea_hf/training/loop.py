@@ -350,7 +350,7 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         + (
             f" On-policy: {s.on_policy_fraction:g} of the micro-batches were the student's own continuations of their "
             f"first {s.on_policy_prompt_tokens} tokens (temperature {s.on_policy_temperature:g}), scored by KL alone."
-            if s.teacher and s.on_policy_fraction
+            if s.on_policy_fraction  # settings allow it only with a teacher
             else ""
         )
         + (" Only the attention parameters were trained." if s.train_only == "attention" else "")
