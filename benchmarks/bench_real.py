@@ -13,7 +13,7 @@ Steps (each a real `mea_hf` call):
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
    (`mea train --teacher`, all parameters, `--distill-tokens`; `--distill-on-policy` lets the student write part of
-   its training text, `mea_hf.training.on_policy`);
+   its training text, `mea_hf.training.on_policy`; `--distill-divergence reverse` the mode-seeking KL);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
    samples of four prompts with their share of repeated token 4-grams (`mea_hf.evaluation.repetition`), written as
    results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png and results.md.
@@ -53,7 +53,7 @@ from mea_hf.hub.folders import load_folder
 from mea_hf.memory import kv_fraction
 from mea_hf.recipes import pipeline
 from mea_hf.training.loop import train
-from mea_hf.training.settings import TRAIN_ONLY
+from mea_hf.training.settings import DIVERGENCES, TRAIN_ONLY
 from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.machine import describe_machine, machine_info
 from mea_hf.utils.tables import markdown_table
@@ -105,6 +105,8 @@ def parse_args(argv=None):
                         help="share of distillation micro-batches the student continues itself (on-policy)")  # fmt: skip
     parser.add_argument("--distill-on-policy-temperature", type=float, default=0.0,
                         help="sampling temperature of those continuations (0: greedy, the decoding the samples use)")  # fmt: skip
+    parser.add_argument("--distill-divergence", choices=DIVERGENCES, default="forward",
+                        help="KL(teacher || student) or the mode-seeking KL(student || teacher)")  # fmt: skip
     parser.add_argument(
         "--distill-bf16",
         action="store_true",
@@ -227,7 +229,7 @@ def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
         "warmup_steps": args.distill_tokens // per_step // 10, "lr": args.distill_lr, "bf16": args.distill_bf16,
         "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
         "cache_dir": str(out.parent / "cache"), "on_policy_fraction": args.distill_on_policy,
-        "on_policy_temperature": args.distill_on_policy_temperature,
+        "on_policy_temperature": args.distill_on_policy_temperature, "distill_divergence": args.distill_divergence,
     })  # fmt: skip
 
 
@@ -319,8 +321,10 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             summary = distill(args, out / f"calib-banded-{heads}", converted_folder, data, out / f"distill-{heads}")
             recovered, _ = load_folder(summary["final_dir"], "float32")
-            on_policy = f" (on-policy {args.distill_on_policy:g})" if args.distill_on_policy else ""
-            record(f"calib banded 3->{heads} + distill{on_policy}", recovered, time.perf_counter() - started,
+            how = [f"on-policy {args.distill_on_policy:g}"] if args.distill_on_policy else []
+            how += [f"{args.distill_divergence} KL"] if args.distill_divergence != "forward" else []
+            variant = f" ({', '.join(how)})" if how else ""
+            record(f"calib banded 3->{heads} + distill{variant}", recovered, time.perf_counter() - started,
                    tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
     results["load_average_1min_after"] = os.getloadavg()[0]
     atomic_write_json(out / "results.json", results)

@@ -2,28 +2,39 @@
 LM loss, and train only the attention parameters if asked.
 
 The teacher (usually the uncompressed model the student was compressed from) runs in eval mode without gradients.
-The loss per token is `T^2 * KL(softmax(teacher / T) || softmax(student / T))` averaged over every position of
-every block (the T^2 keeps gradient sizes comparable across temperatures, as in Hinton et al. 2015).
+The loss per token is `T^2 * KL` between the temperature-softened distributions, averaged over every position of
+every block (the T^2 keeps gradient sizes comparable across temperatures, as in Hinton et al. 2015). The divergence
+is "forward", KL(teacher || student), which spreads the student's mass over everything the teacher finds likely, or
+"reverse", KL(student || teacher), which charges the student most for mass on tokens the teacher finds unlikely
+(mode-seeking; Gu et al. 2024, "MiniLLM", and Agarwal et al. 2024 pair it with on-policy samples).
 """
 
 from pathlib import Path
 
 import torch
 
-from .settings import TRAIN_ONLY
+from .settings import DIVERGENCES, TRAIN_ONLY
 
 
 class _KLFromLogits(torch.autograd.Function):
-    """Mean over rows of KL(softmax(teacher) || softmax(student)), in a few full-vocabulary buffers: the forward keeps
-    only softmax(student) - softmax(teacher), which is the gradient (divided by the rows). With SmolLM2's 49,152-token
-    vocabulary a batch of 2,048 tokens has 400 MB logits, and the textbook composition (log-softmaxes, kl_div and their
-    backward) allocates and page-faults many such buffers a step."""
+    """Mean over rows of KL(softmax(teacher) || softmax(student)), or KL(softmax(student) || softmax(teacher)) when
+    `reverse`, in a few full-vocabulary buffers: the forward keeps only the gradient (times the rows). Forward KL's is
+    p_student - p_teacher; reverse KL's is p_student * (log p_student - log p_teacher - the row's KL). With SmolLM2's
+    49,152-token vocabulary a batch of 2,048 tokens has 400 MB logits, and the textbook composition (log-softmaxes,
+    kl_div and their backward) allocates and page-faults many such buffers a step."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
         rows = student.shape[0]
         log_student = student.log_softmax(-1)
         log_teacher = teacher.log_softmax(-1)
+        if reverse:
+            p_student = log_student.exp()
+            log_ratio = log_student.sub_(log_teacher)
+            row_kl = (p_student * log_ratio).sum(-1, keepdim=True)
+            kl = row_kl.sum() / rows
+            ctx.save_for_backward(log_ratio.sub_(row_kl).mul_(p_student))
+            return kl
         p_teacher = log_teacher.exp()
         kl = log_teacher.sub_(log_student).mul_(p_teacher).sum() / rows  # sum(): pairwise, exact enough at 1e8 terms
         ctx.save_for_backward(log_student.exp_().sub_(p_teacher))
@@ -31,22 +42,29 @@ class _KLFromLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (difference,) = ctx.saved_tensors
-        return difference * (grad_output / difference.shape[0]), None
+        (gradient,) = ctx.saved_tensors
+        return gradient * (grad_output / gradient.shape[0]), None, None
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
-    """Mean over tokens of T^2 * KL(teacher || student) on temperature-softened distributions."""
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, divergence: str = "forward"
+):
+    """Mean over tokens of T^2 * KL(teacher || student) ("forward") or KL(student || teacher) ("reverse") on
+    temperature-softened distributions."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
     vocab = student_logits.shape[-1]
     student = student_logits.float().reshape(-1, vocab)
     teacher = teacher_logits.detach().float().reshape(-1, vocab)
     if temperature != 1:
         student, teacher = student / temperature, teacher / temperature
-    return _KLFromLogits.apply(student, teacher) * temperature**2
+    return _KLFromLogits.apply(student, teacher, divergence == "reverse") * temperature**2
 
 
 @torch.no_grad()
-def mean_kl(student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8) -> float:
+def mean_kl(
+    student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8, divergence: str = "forward"
+) -> float:
     """Mean per-token distillation loss of `student` against `teacher` on token `blocks` (eval mode, no gradients)."""
     device = next(student.parameters()).device
     was_training = student.training
@@ -56,7 +74,7 @@ def mean_kl(student, teacher, blocks: torch.Tensor, temperature: float = 1.0, ba
         batch = blocks[start : start + batch_size].long().to(device)
         student_logits = student(input_ids=batch, use_cache=False).logits
         teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-        total += distillation_loss(student_logits, teacher_logits, temperature).item() * batch.numel()
+        total += distillation_loss(student_logits, teacher_logits, temperature, divergence).item() * batch.numel()
         tokens += batch.numel()
     student.train(was_training)
     return total / tokens

@@ -74,8 +74,9 @@ class _Run:
         self.state["best_val_loss"] = min(self.state["best_val_loss"], val_loss)
         extra = {}
         if self.teacher is not None:
-            extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, self.settings.distill_temperature,
-                                      batch_size)  # fmt: skip
+            s = self.settings
+            extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, s.distill_temperature, batch_size,
+                                      s.distill_divergence)  # fmt: skip
         self.log.write(step=self.state["step"], val_loss=val_loss, **extra)
         return val_loss
 
@@ -233,7 +234,9 @@ def _loss(run: _Run, input_ids: torch.Tensor, on_policy_from: int | None = None)
     with torch.no_grad(), run.accelerator.autocast():  # the teacher in the student's precision (bf16 if asked)
         teacher_logits = run.teacher(input_ids=input_ids, use_cache=False).logits
     first = on_policy_from or 0
-    kl = distillation_loss(output.logits[:, first:], teacher_logits[:, first:], s.distill_temperature)
+    kl = distillation_loss(
+        output.logits[:, first:], teacher_logits[:, first:], s.distill_temperature, s.distill_divergence
+    )
     if on_policy_from is not None:
         return kl
     loss = s.distill_alpha * kl
@@ -342,7 +345,8 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         f"(weight decay {s.weight_decay:g}), {s.schedule} schedule with {s.warmup_steps} "
         f"warmup steps to {s.min_lr_ratio:g} x lr, {s.max_steps} steps, seed {s.seed}."
         + (
-            f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x KL at temperature {s.distill_temperature:g}"
+            f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x {s.distill_divergence} KL at temperature "
+            f"{s.distill_temperature:g}"
             f" + {1 - s.distill_alpha:g} x LM loss)."
             if s.teacher
             else ""

@@ -15,6 +15,7 @@ import yaml
 from .schedules import SCHEDULES
 
 TRAIN_ONLY = ("all", "attention")  # which parameters `train_only` leaves trainable
+DIVERGENCES = ("forward", "reverse")  # KL(teacher || student) or KL(student || teacher); training/distill.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrainSettings:
     teacher: str | None = None  # saved model folder to distil from (KL to its logits); same vocabulary as the student
     distill_alpha: float = 1.0  # with `teacher`: loss = alpha * KL + (1 - alpha) * LM loss
     distill_temperature: float = 1.0  # with `teacher`: softmax temperature of both distributions
+    distill_divergence: str = "forward"  # with `teacher`: "forward" or "reverse" KL (training/distill.py)
     train_only: str = "all"  # "all" or "attention" (freeze embeddings, MLPs, norms and the LM head)
     on_policy_fraction: float = 0.0  # with `teacher`: share of micro-batches the student writes itself (on_policy.py)
     on_policy_prompt_tokens: int = 32  # tokens of each block kept as the prompt of an on-policy micro-batch
@@ -102,6 +104,9 @@ class TrainSettings:
             raise ValueError(f"setting `distill_alpha` must be in [0, 1], got {self.distill_alpha}.")
         if self.distill_temperature <= 0:
             raise ValueError(f"setting `distill_temperature` must be positive, got {self.distill_temperature}.")
+        if self.distill_divergence not in DIVERGENCES:
+            raise ValueError(f"setting `distill_divergence` must be one of {DIVERGENCES}, got "
+                             f"{self.distill_divergence!r}.")  # fmt: skip
         if not 0 <= self.on_policy_fraction <= 1:
             raise ValueError(f"setting `on_policy_fraction` must be in [0, 1], got {self.on_policy_fraction}.")
         if self.on_policy_fraction and not 1 <= self.on_policy_prompt_tokens < self.block_size:
@@ -111,9 +116,14 @@ class TrainSettings:
             raise ValueError(f"setting `on_policy_temperature` must be >= 0 (0: greedy), got "
                              f"{self.on_policy_temperature}.")  # fmt: skip
         if self.teacher is None:
-            if self.distill_alpha != 1 or self.distill_temperature != 1 or self.on_policy_fraction:
-                raise ValueError("settings `distill_alpha`, `distill_temperature` and `on_policy_fraction` need a "
-                                 "`teacher` folder.")  # fmt: skip
+            if (
+                self.distill_alpha != 1
+                or self.distill_temperature != 1
+                or self.distill_divergence != "forward"
+                or self.on_policy_fraction
+            ):
+                raise ValueError("settings `distill_alpha`, `distill_temperature`, `distill_divergence` and "
+                                 "`on_policy_fraction` need a `teacher` folder.")  # fmt: skip
             return
         if not self.init_from:
             raise ValueError("setting `teacher` needs `init_from` (the student folder, with the teacher's tokenizer); "

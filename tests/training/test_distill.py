@@ -1,5 +1,6 @@
 """Recovery by distillation (`mea train --teacher`): KL to a teacher's logits, train-only-attention, settings."""
 
+import math
 import shutil
 
 import pytest
@@ -37,18 +38,33 @@ def _settings(folders, tmp_path, **overrides):
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_distillation_loss_and_its_gradient_match_the_textbook_kl(temperature):
+def test_distillation_loss_and_its_gradient_match_the_textbook_kl(temperature, divergence):
     student, teacher = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11)
-    assert distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
-    loss = distillation_loss(student, teacher, temperature)
+    assert distillation_loss(teacher, teacher, temperature, divergence).item() == pytest.approx(0.0, abs=1e-6)
+    loss = distillation_loss(student, teacher, temperature, divergence)
     (gradient,) = torch.autograd.grad(loss, student)
-    log_q = (student / temperature).log_softmax(-1).reshape(-1, 11)
-    p = (teacher / temperature).softmax(-1).reshape(-1, 11)
-    reference = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    log_student = (student / temperature).log_softmax(-1).reshape(-1, 11)
+    log_teacher = (teacher / temperature).log_softmax(-1).reshape(-1, 11)
+    log_p, log_q = (log_teacher, log_student) if divergence == "forward" else (log_student, log_teacher)
+    reference = temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     (reference_gradient,) = torch.autograd.grad(reference, student)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(gradient, reference_gradient, rtol=1e-5, atol=1e-7)
+    other = "reverse" if divergence == "forward" else "forward"
+    assert abs(distillation_loss(student, teacher, temperature, other).item() - loss.item()) > 1e-3
+
+
+def test_reverse_kl_charges_the_student_for_mass_where_the_teacher_has_little():
+    """The failure that starts a greedy loop: the student gives 0.31 to a token the teacher gives 0.02."""
+    teacher = torch.tensor([[0.90, 0.02, 0.08]]).log()
+    student = torch.tensor([[0.61, 0.31, 0.08]]).log()
+    forward, reverse = (distillation_loss(student, teacher, divergence=d).item() for d in ("forward", "reverse"))
+    assert reverse == pytest.approx(0.61 * math.log(0.61 / 0.90) + 0.31 * math.log(0.31 / 0.02), rel=1e-5)
+    assert reverse > 1.5 * forward
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        distillation_loss(student, teacher, divergence="js")
 
 
 def test_distillation_loss_sums_a_large_vocabulary_accurately():
@@ -109,6 +125,8 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
     cases = [
         ({"distill_alpha": 1.5}, "distill_alpha"),
         ({"distill_temperature": 0}, "distill_temperature"),
+        ({"distill_divergence": "js"}, "distill_divergence"),
+        ({"teacher": None, "distill_divergence": "reverse"}, "need a `teacher`"),
         ({"train_only": "mlp"}, "train_only"),
         ({"save_every": -1}, "save_every"),
         ({"max_tokens": -1}, "max_tokens"),
@@ -146,12 +164,16 @@ def test_cli_distills_with_flags(folders, tmp_path):
     assert (out / "final" / "model.safetensors").is_file() and not checkpoint_dirs(out)
 
 
-def test_on_policy_micro_batch_is_the_students_greedy_continuation_scored_by_kl(folders, tmp_path, tokenizer):
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_on_policy_micro_batch_is_the_students_greedy_continuation_scored_by_kl(
+    folders, tmp_path, tokenizer, divergence
+):
     """fraction 1, temperature 0: every block keeps its first 8 tokens and the rest is what `generate()` (greedy)
-    writes; the first step's loss is the KL at the positions that predict the student's tokens, computed by hand."""
+    writes; the first step's loss is the KL at the positions that predict the student's tokens, computed by hand,
+    and the validation KL is the chosen divergence on the first 4 held-out blocks."""
     seen = []
     summary = train(_settings(folders, tmp_path, on_policy_fraction=1.0, on_policy_prompt_tokens=8,
-                              on_policy_temperature=0.0, max_steps=2),
+                              on_policy_temperature=0.0, max_steps=2, distill_divergence=divergence),
                     on_event=lambda event, **info: seen.append(info) if event == "batch" else None)  # fmt: skip
     assert len(seen) == 2 and all(info["on_policy"] for info in seen)
     student = AutoModelForCausalLM.from_pretrained(folders / "student").eval()
@@ -163,12 +185,17 @@ def test_on_policy_micro_batch_is_the_students_greedy_continuation_scored_by_kl(
         greedy = student.generate(input_ids=first[:, :8], attention_mask=torch.ones_like(first[:, :8]),
                                   max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)  # fmt: skip
         assert torch.equal(first, greedy)
-        expected = distillation_loss(student(first).logits[:, 7:], teacher(first).logits[:, 7:]).item()
-        everywhere = distillation_loss(student(first).logits, teacher(first).logits).item()
-    records = [record for record in read_metrics(summary["out_dir"]) if "loss" in record]
+        expected = distillation_loss(student(first).logits[:, 7:], teacher(first).logits[:, 7:], 1, divergence).item()
+        everywhere = distillation_loss(student(first).logits, teacher(first).logits, 1, divergence).item()
+    val_blocks = cached_blocks(tokenizer, "builtin", "validation", 32)[:4]
+    val_kl = mean_kl(student, teacher, val_blocks, divergence=divergence)
+    records_all = read_metrics(summary["out_dir"])
+    records = [record for record in records_all if "loss" in record]
     assert records[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert records[0]["on_policy_loss"] == records[0]["loss"] and abs(everywhere - expected) > 1e-4 * expected
-    assert "On-policy: 1 of the micro-batches" in (tmp_path / "run" / "final" / "README.md").read_text()
+    assert next(record["val_kl"] for record in records_all if "val_kl" in record) == pytest.approx(val_kl, rel=1e-5)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "On-policy: 1 of the micro-batches" in card and f"{divergence} KL" in card
 
 
 def test_on_policy_share_and_samples_are_seeded_and_resume_exactly(folders, tmp_path):
