@@ -194,15 +194,17 @@ def bits_per_byte(model, blocks: torch.Tensor, tokenizer) -> float:
 
 
 @torch.no_grad()
+def greedy_continuation(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
+    """The token ids `model` writes after `prompt`, greedy."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    return model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.input_ids.shape[1] :].tolist()
+
+
 def greedy_samples(model, tokenizer, new_tokens: int) -> tuple[list[str], float]:
     """The greedy continuation of every prompt in `PROMPTS`, and the mean share of their repeated token 4-grams."""
-    texts, repeated = [], []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")
-        continuation = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.input_ids.shape[1] :]
-        texts.append(tokenizer.decode(continuation, skip_special_tokens=True))
-        repeated.append(repeated_ngram_fraction(continuation.tolist()))
-    return texts, sum(repeated) / len(repeated)
+    continuations = [greedy_continuation(model, tokenizer, prompt, new_tokens) for prompt in PROMPTS]
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in continuations]
+    return texts, sum(map(repeated_ngram_fraction, continuations)) / len(continuations)
 
 
 def original_model(args, out: Path) -> tuple[Path, object]:
