@@ -63,7 +63,7 @@ class _Run:
 
     def evaluate(self) -> float:
         """Validation loss now (inf if it overflows); logged, and tracked as the best so far. With a teacher the
-        validation KL to it is logged too (`val_kl`)."""
+        validation KL to it is logged too (`val_kl`) and kept as the latest in the state."""
         from ..evaluation.loss import mean_token_loss
 
         batch_size = self.settings.batch_size
@@ -77,6 +77,7 @@ class _Run:
             s = self.settings
             extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, s.distill_temperature, batch_size,
                                       s.distill_divergence)  # fmt: skip
+            self.state["val_kl"] = extra["val_kl"]
         self.log.write(step=self.state["step"], val_loss=val_loss, **extra)
         return val_loss
 
@@ -171,7 +172,7 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     state = {"step": 0, "tokens_seen": 0, "initial_val_loss": None, "best_val_loss": float("inf"),
-             "train_seconds": 0.0, "num_processes": world}  # fmt: skip
+             "initial_val_kl": None, "val_kl": None, "train_seconds": 0.0, "num_processes": world}  # fmt: skip
     if checkpoint is not None:
         state.update(load_checkpoint(accelerator, checkpoint, world))
     log = MetricsLog(out, accelerator.is_main_process, state["step"] if checkpoint is not None else None)
@@ -250,6 +251,7 @@ def _loop(run: _Run) -> tuple[float | None, bool]:
     s, state = run.settings, run.state
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = run.evaluate()
+        state["initial_val_kl"] = state["val_kl"]
     tokens_per_step = s.block_size * s.batch_size * s.grad_accum * run.accelerator.num_processes
     batches = _micro_batches(run.accelerator, run.loader, state["step"] * s.grad_accum)
     show = run.accelerator.is_main_process and s.progress
@@ -294,12 +296,23 @@ def _final_model(run: _Run):
     return full
 
 
+def _ended_no_lower(s, state: dict, val_loss: float) -> bool:
+    """Whether what training lowers ended non-finite or no lower than it started, on the validation blocks: the LM
+    loss, or with a teacher the training loss's mix of KL and LM loss (`distill_alpha`) when both ends have a KL."""
+    start, end = state["initial_val_loss"], val_loss
+    if state["initial_val_kl"] is not None and state["val_kl"] is not None:  # None at the start: an older checkpoint
+        alpha = s.distill_alpha
+        start = alpha * state["initial_val_kl"] + (1 - alpha) * start
+        end = alpha * state["val_kl"] + (1 - alpha) * end
+    return not math.isfinite(end) or end >= start
+
+
 def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:
     """Final evaluation and summary; the main process writes final/, loss_curve.png and summary.json."""
     s, state = run.settings, run.state
     if val_loss is None:
         val_loss = run.evaluate()
-    diverged = diverged or not math.isfinite(val_loss) or val_loss >= state["initial_val_loss"]
+    diverged = diverged or _ended_no_lower(s, state, val_loss)
     summary = {
         "out_dir": str(run.out),
         "final_dir": str(run.out / "final"),
@@ -307,6 +320,8 @@ def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:
         "final_val_loss": val_loss,
         "best_val_loss": state["best_val_loss"],
         "initial_val_loss": state["initial_val_loss"],
+        "initial_val_kl": state["initial_val_kl"],
+        "final_val_kl": state["val_kl"],
         "diverged": diverged,
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],

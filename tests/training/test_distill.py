@@ -2,6 +2,7 @@
 
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from mea_hf.data.loading import cached_blocks
 from mea_hf.hub import save_folder
 from mea_hf.training.checkpoints import checkpoint_dirs, loss_curves, read_metrics
 from mea_hf.training.distill import distillation_loss, mean_kl
-from mea_hf.training.loop import train
+from mea_hf.training.loop import _ended_no_lower, train
 from mea_hf.training.settings import TrainSettings
 
 
@@ -98,8 +99,27 @@ def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, to
     assert after < 0.8 * before
     kls = [record["val_kl"] for record in read_metrics(summary["out_dir"]) if "val_kl" in record]
     assert len(kls) == 2 and kls[-1] < kls[0]
+    assert (summary["initial_val_kl"], summary["final_val_kl"]) == (kls[0], kls[-1]) and not summary["diverged"]
     curves = loss_curves(read_metrics(summary["out_dir"]))  # loss_curve.png plots the KL beside the losses
     assert curves["validation KL to teacher"] == ([0, 6], kls) and len(curves["train"][0]) == 6
+
+
+@pytest.mark.parametrize(
+    ("alpha", "start", "end", "diverged"),
+    [
+        (1.0, (2.0, 0.5), (2.5, 0.4), False),  # pure KL: the LM loss may rise while the KL falls
+        (1.0, (2.0, 0.5), (1.5, 0.6), True),
+        (0.5, (2.0, 0.5), (2.5, 0.4), True),  # half and half: 1.25 -> 1.45
+        (0.5, (2.0, 0.5), (1.5, 0.6), False),  # 1.25 -> 1.05
+        (1.0, (2.0, None), (2.5, 0.4), True),  # a checkpoint from before val_kl was kept: the LM loss decides
+        (1.0, (2.0, 0.5), (float("nan"), 0.4), True),  # a broken model diverged, whatever its KL
+        (0.5, (2.0, 0.5), (float("inf"), 0.4), True),
+    ],
+)
+def test_divergence_is_judged_on_what_training_lowers(alpha, start, end, diverged):
+    settings = SimpleNamespace(distill_alpha=alpha)
+    state = {"initial_val_loss": start[0], "initial_val_kl": start[1], "val_kl": end[1]}
+    assert _ended_no_lower(settings, state, end[0]) is diverged
 
 
 def test_mixed_loss_and_temperature_train(folders, tmp_path):
