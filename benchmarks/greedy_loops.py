@@ -3,8 +3,10 @@
 For each model folder: the greedy continuation of every prompt, whether it is still looping when it stops (its last
 8 tokens occurred earlier in it, `mea_hf.evaluation.repetition.ends_in_loop`) and its share of repeated 4-grams.
 Four prompts are too few to tell a compressed model from its original (two loops more or less move the mean share by
-a lot); sixteen, 64 new tokens each, say more, still about one minute per 135M model on 2 CPU cores. Writes
-results.json (with every continuation), results.md and loops.png.
+a lot); sixteen, 64 new tokens each, say more, still about one minute per 135M model on 2 CPU cores.
+`--news-openings N` adds the first words of N held-out news articles (the Lee corpus's 50 validation articles, never
+trained or calibrated on) as a second, larger set of prompts in another register. Writes results.json (with every
+continuation), results.md and loops.png.
 
     python benchmarks/greedy_loops.py --out runs/greedy_loops runs/s21/broad/converted runs/s21/broad/distill-2/final
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from bench_real import PROMPTS, greedy_continuation
 from tqdm.auto import tqdm
 
+from mea_hf.data.news import lee_news
 from mea_hf.evaluation.repetition import ends_in_loop, repeated_ngram_fraction
 from mea_hf.hub.folders import load_folder
 from mea_hf.utils import plots
@@ -37,6 +40,7 @@ MORE_PROMPTS = (
     "Dear hiring manager, I am writing to apply for",
     "The most popular sports in the world are",
 )
+OPENING_WORDS = 16  # a news prompt: the article's first words (whitespace-split, so the same for every tokenizer)
 
 
 def parse_args(argv=None):
@@ -44,26 +48,40 @@ def parse_args(argv=None):
     parser.add_argument("folders", nargs="+", help="saved model folders (MEA or Llama, with their tokenizer)")
     parser.add_argument("--out", default="runs/greedy_loops")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--news-openings", type=int, default=0, help="N held-out news openings (<= 50)")
     args = parser.parse_args(argv)
     missing = [folder for folder in args.folders if not (Path(folder) / "config.json").is_file()]
     if missing:
         parser.error(f"not saved model folders (no config.json): {', '.join(missing)}")
     if args.new_tokens < 16:
         parser.error(f"--new-tokens must be at least 16 (an 8-token loop test needs room), got {args.new_tokens}")
+    if not 0 <= args.news_openings <= 50:
+        parser.error(f"--news-openings must be 0 to 50 (the held-out articles), got {args.news_openings}")
     return args
 
 
-def measure(folder: str, new_tokens: int, progress) -> dict:
-    """Every prompt's greedy continuation in `folder`'s model, whether it ends in a loop, its repeated 4-grams."""
+def prompt_sets(news_openings: int) -> dict[str, tuple[str, ...]]:
+    """{set name: prompts}: the everyday ones (bench_real's four first) and the held-out news openings if asked for."""
+    sets = {"everyday": PROMPTS + MORE_PROMPTS}
+    if news_openings:
+        articles = lee_news()["validation"][:news_openings]
+        sets["news"] = tuple(" ".join(article.split()[:OPENING_WORDS]) for article in articles)
+    return sets
+
+
+def measure(folder: str, sets: dict[str, tuple[str, ...]], new_tokens: int, progress) -> dict:
+    """Every prompt's greedy continuation in `folder`'s model, whether it ends in a loop, its repeated 4-grams; loops
+    counted per prompt set."""
     model, tokenizer = load_folder(folder, "float32")
     samples = []
-    for prompt in PROMPTS + MORE_PROMPTS:
-        tokens = greedy_continuation(model, tokenizer, prompt, new_tokens)
-        samples.append({"prompt": prompt, "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                        "loops": ends_in_loop(tokens), "repeated_4grams": repeated_ngram_fraction(tokens)})  # fmt: skip
-        progress.update()
+    for name, prompts in sets.items():
+        for prompt in prompts:
+            tokens = greedy_continuation(model, tokenizer, prompt, new_tokens)
+            samples.append({"set": name, "prompt": prompt, "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                            "loops": ends_in_loop(tokens), "repeated_4grams": repeated_ngram_fraction(tokens)})  # fmt: skip
+            progress.update()
     return {
-        "loops": sum(sample["loops"] for sample in samples),
+        "loops": {name: sum(sample["loops"] for sample in samples if sample["set"] == name) for name in sets},
         "loops_first_four": sum(sample["loops"] for sample in samples[: len(PROMPTS)]),
         "repeated_4grams": sum(sample["repeated_4grams"] for sample in samples) / len(samples),
         "samples": samples,
@@ -73,19 +91,31 @@ def measure(folder: str, new_tokens: int, progress) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    results = {"machine": machine_info(), "new_tokens": args.new_tokens, "prompts": len(PROMPTS + MORE_PROMPTS)}
-    with tqdm(total=len(args.folders) * results["prompts"], desc="greedy samples") as progress:
-        results["models"] = {folder: measure(folder, args.new_tokens, progress) for folder in args.folders}
-    rows = [[folder, f"{r['loops']} / {results['prompts']}", f"{r['loops_first_four']} / {len(PROMPTS)}",
-             f"{r['repeated_4grams']:.2f}"] for folder, r in results["models"].items()]  # fmt: skip
-    table = markdown_table(["model", "ends in a loop", "of bench_real's four", "repeated 4-grams"], rows)
+    sets = prompt_sets(args.news_openings)
+    sizes = {name: len(prompts) for name, prompts in sets.items()}
+    results = {"machine": machine_info(), "new_tokens": args.new_tokens, "prompts": sizes}
+    with tqdm(total=len(args.folders) * sum(sizes.values()), desc="greedy samples") as progress:
+        results["models"] = {folder: measure(folder, sets, args.new_tokens, progress) for folder in args.folders}
+    header = ["model", f"ends in a loop, of {sizes['everyday']} everyday", "of bench_real's four"]
+    header += [f"of {sizes['news']} news openings"] if "news" in sets else []
+    rows = []
+    for folder, r in results["models"].items():
+        row = [folder, str(r["loops"]["everyday"]), str(r["loops_first_four"])]
+        row += [str(r["loops"]["news"])] if "news" in sets else []
+        rows.append(row + [f"{r['repeated_4grams']:.2f}"])
+    table = markdown_table(header + ["repeated 4-grams, all"], rows)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", table + "\n")
     figure, axis = plots.plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
     names = [Path(folder).parent.name if Path(folder).name == "final" else Path(folder).name for folder in args.folders]
-    axis.bar(names, [r["loops"] for r in results["models"].values()])
-    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axis.set_ylabel(f"greedy samples ending in a loop (of {results['prompts']})")
+    positions = range(len(names))
+    width = 0.8 / len(sets)
+    for offset, name in enumerate(sets):
+        shares = [r["loops"][name] / sizes[name] for r in results["models"].values()]
+        axis.bar([x + offset * width for x in positions], shares, width, label=f"{name} ({sizes[name]} prompts)")
+    axis.set_xticks([x + width * (len(sets) - 1) / 2 for x in positions], names, rotation=45, ha="right")
+    axis.set_ylabel("share of greedy samples ending in a loop")
+    axis.legend()
     plots.save_figure(figure, out / "loops.png")
     print(table)
     return 0
