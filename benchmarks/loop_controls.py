@@ -1,0 +1,130 @@
+"""Is compression's extra looping more than its bits/byte cost explains? Controls for `greedy_loops.py`.
+
+From a converted MEA folder of SmolLM2-135M-Instruct (`bench_real.py` writes one), two kinds of model, each saved,
+its bits/byte measured as `bench_real.py` does (32 held-out blocks of pydoc topics and of news) and its greedy loops
+counted as `greedy_loops.py` does (16 everyday prompts and the 50 held-out news openings):
+- banded calib 3 -> `--kv-heads` on only part of the layers (`--layer-sets`, e.g. the first and the last half), with
+  bench_real's calibration text (240 blocks of pydoc + news) and settings: does a milder compression loop less?
+- the converted model with seeded Gaussian noise on every weight matrix but the embeddings, sigma = r x the matrix's
+  RMS (`--noise`): a perturbation that costs the same bits/byte without touching the attention's structure.
+Writes results.json, results.md and controls.png. About 3 minutes per model on 2 CPU cores, plus 2-3 per calib.
+
+    python benchmarks/loop_controls.py --model runs/s21/broad/converted --out runs/loop_controls
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_real import alternating_blocks, bits_per_byte, text_sources
+from greedy_loops import measure, prompt_sets
+from tqdm.auto import tqdm
+
+from mea_hf.compress import CALIB_LR, CALIB_QUERY_STRIDE
+from mea_hf.data.loading import pack_blocks
+from mea_hf.hub import save_folder
+from mea_hf.hub.folders import load_folder
+from mea_hf.memory import kv_fraction
+from mea_hf.recipes import pipeline
+from mea_hf.utils import plots
+from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
+from mea_hf.utils.machine import machine_info
+from mea_hf.utils.tables import markdown_table
+
+BLOCK_SIZE, CALIB_BLOCKS, EVAL_BLOCKS = 256, 240, 32  # bench_real's s21 "broad" run
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a converted MEA folder of SmolLM2-135M-Instruct")
+    parser.add_argument("--out", default="runs/loop_controls")
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--layer-sets", nargs="*", default=["0-14", "15-29"], help="layers to compress, one set each")
+    parser.add_argument("--noise", nargs="*", type=float, default=[0.02, 0.03, 0.04], help="relative weight noise")
+    args = parser.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model} is not a saved model folder (no config.json)")
+    if out_files := [path.name for path in Path(args.out).glob("*")]:
+        parser.error(f"--out {args.out} is not empty ({', '.join(sorted(out_files)[:3])}); choose another")
+    if any(r <= 0 for r in args.noise):
+        parser.error(f"--noise scales must be positive, got {args.noise}")
+    args.layer_sets = [layer_range(parser, spec) for spec in args.layer_sets]
+    return args
+
+
+def layer_range(parser, spec: str) -> list[int]:
+    """'A-B' (inclusive) as a list of layers, or a parser error."""
+    first, _, last = spec.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        parser.error(f"--layer-sets takes ranges like 0-14, got {spec!r}")
+    return list(range(int(first), int(last) + 1))
+
+
+def add_weight_noise_(model, scale: float, seed: int = 0):
+    """Every weight matrix but the embeddings plus N(0, (scale x its RMS)^2), seeded; in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2 and "embed" not in name:
+                weight += scale * weight.pow(2).mean().sqrt() * torch.randn(weight.shape, generator=generator)
+    return model
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    texts = text_sources(["pydoc", "news"])
+    original, tokenizer = load_folder(args.model, "float32")
+    calib = alternating_blocks(tokenizer, [texts["pydoc"]["train"], texts["news"]["train"]], BLOCK_SIZE)
+    evals = {name: pack_blocks(tokenizer, texts[name]["validation"], BLOCK_SIZE, EVAL_BLOCKS) for name in texts}
+    sets = prompt_sets(news_openings=50)
+    results = {"machine": machine_info(), "model": args.model, "variants": {}}
+
+    def record(name: str, folder: Path, model, **extra) -> None:
+        bpb = {text: bits_per_byte(model, blocks, tokenizer) for text, blocks in evals.items()}
+        with tqdm(total=sum(map(len, sets.values())), desc=f"greedy samples {name}") as progress:
+            loops = measure(str(folder), sets, 64, progress)
+        results["variants"][name] = {"folder": str(folder), "bpb": bpb, **loops, **extra}
+        atomic_write_json(out / "results.json", results)
+
+    record("converted", Path(args.model), original, kv_fraction=1.0)
+    for layers in args.layer_sets:
+        name = f"calib banded 3->{args.kv_heads}, layers {layers[0]}-{layers[-1]}"
+        started = time.perf_counter()
+        folder, compressed = pipeline.compress(
+            args.model, out / f"layers-{layers[0]}-{layers[-1]}", args.kv_heads, "calib", calib[:CALIB_BLOCKS],
+            layers=layers, composition="banded", progress=True, calib_lr=CALIB_LR,
+            calib_query_stride=CALIB_QUERY_STRIDE,
+        )  # fmt: skip
+        record(name, folder, compressed, kv_fraction=kv_fraction(compressed.config),
+               seconds=time.perf_counter() - started)  # fmt: skip
+    for scale in args.noise:
+        noisy = add_weight_noise_(load_folder(args.model, "float32")[0], scale)
+        record(f"converted + weight noise {scale:g}", save_folder(noisy, out / f"noise-{scale:g}", tokenizer), noisy,
+               kv_fraction=1.0)  # fmt: skip
+
+    base = results["variants"]["converted"]["bpb"]
+    rows = [[name, f"{v['kv_fraction']:.2f}",
+             *(f"{v['bpb'][text]:.4f} ({100 * (v['bpb'][text] / base[text] - 1):+.2f}%)" for text in evals),
+             str(v["loops"]["everyday"]), str(v["loops"]["news"]), f"{v['repeated_4grams']:.2f}"]
+            for name, v in results["variants"].items()]  # fmt: skip
+    header = ["model", "KV", "pydoc bits/byte", "news bits/byte", "loops, of 16 everyday", "of 50 news openings",
+              "repeated 4-grams"]  # fmt: skip
+    table = markdown_table(header, rows)
+    atomic_write_text(out / "results.md", table + "\n")
+    figure, axis = plots.plt.subplots(figsize=(6, 4))
+    for name, v in results["variants"].items():
+        cost = 100 * (v["bpb"]["pydoc"] / base["pydoc"] + v["bpb"]["news"] / base["news"] - 2) / 2
+        axis.scatter(cost, sum(v["loops"].values()), label=name)
+    axis.set_xlabel("bits/byte vs converted, mean of pydoc and news (%)")
+    axis.set_ylabel(f"greedy samples ending in a loop (of {sum(map(len, sets.values()))})")
+    axis.legend(fontsize="small")
+    plots.save_figure(figure, out / "controls.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
