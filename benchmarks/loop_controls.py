@@ -13,6 +13,7 @@ Writes results.json, results.md and controls.png. About 3 minutes per model on 2
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from bench_real import alternating_blocks, bits_per_byte, text_sources
 from greedy_loops import measure, prompt_sets
 from tqdm.auto import tqdm
 
-from mea_hf.compress import CALIB_LR, CALIB_QUERY_STRIDE
+from mea_hf.compress import CALIB_LR, CALIB_QUERY_STRIDE, parse_layers
 from mea_hf.data.loading import pack_blocks
 from mea_hf.hub import save_folder
 from mea_hf.hub.folders import load_folder
@@ -33,7 +34,7 @@ from mea_hf.utils.atomic import atomic_write_json, atomic_write_text
 from mea_hf.utils.machine import machine_info
 from mea_hf.utils.tables import markdown_table
 
-BLOCK_SIZE, CALIB_BLOCKS, EVAL_BLOCKS = 256, 240, 32  # bench_real's s21 "broad" run
+BLOCK_SIZE, CALIB_BLOCK_COUNT, EVAL_BLOCKS = 256, 240, 32  # bench_real's s21 "broad" run
 
 
 def parse_args(argv=None):
@@ -41,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a converted MEA folder of SmolLM2-135M-Instruct")
     parser.add_argument("--out", default="runs/loop_controls")
     parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--layer-sets", nargs="*", default=["0-14", "15-29"], help="layers to compress, one set each")
+    parser.add_argument(
+        "--layer-sets", nargs="*", default=["0-14", "15-29"], help="layers to compress ('0-14', '0,3,5'), one set each"
+    )
     parser.add_argument("--noise", nargs="*", type=float, default=[0.02, 0.03, 0.04], help="relative weight noise")
     args = parser.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
@@ -50,16 +53,12 @@ def parse_args(argv=None):
         parser.error(f"--out {args.out} is not empty ({', '.join(sorted(out_files)[:3])}); choose another")
     if any(r <= 0 for r in args.noise):
         parser.error(f"--noise scales must be positive, got {args.noise}")
-    args.layer_sets = [layer_range(parser, spec) for spec in args.layer_sets]
+    num_layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
+    try:
+        args.layer_sets = {spec: parse_layers(spec, num_layers) for spec in args.layer_sets}
+    except ValueError as error:
+        parser.error(f"--layer-sets: {error}")
     return args
-
-
-def layer_range(parser, spec: str) -> list[int]:
-    """'A-B' (inclusive) as a list of layers, or a parser error."""
-    first, _, last = spec.partition("-")
-    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        parser.error(f"--layer-sets takes ranges like 0-14, got {spec!r}")
-    return list(range(int(first), int(last) + 1))
 
 
 def add_weight_noise_(model, scale: float, seed: int = 0):
@@ -90,11 +89,11 @@ def main(argv=None) -> int:
         atomic_write_json(out / "results.json", results)
 
     record("converted", Path(args.model), original, kv_fraction=1.0)
-    for layers in args.layer_sets:
-        name = f"calib banded 3->{args.kv_heads}, layers {layers[0]}-{layers[-1]}"
+    for spec, layers in args.layer_sets.items():
+        name = f"calib banded 3->{args.kv_heads}, layers {spec}"
         started = time.perf_counter()
         folder, compressed = pipeline.compress(
-            args.model, out / f"layers-{layers[0]}-{layers[-1]}", args.kv_heads, "calib", calib[:CALIB_BLOCKS],
+            args.model, out / f"layers-{spec.replace(',', '_')}", args.kv_heads, "calib", calib[:CALIB_BLOCK_COUNT],
             layers=layers, composition="banded", progress=True, calib_lr=CALIB_LR,
             calib_query_stride=CALIB_QUERY_STRIDE,
         )  # fmt: skip

@@ -304,7 +304,7 @@ def _ended_no_lower(s, state: dict, val_loss: float) -> bool:
         alpha = s.distill_alpha
         start = alpha * state["initial_val_kl"] + (1 - alpha) * start
         end = alpha * state["val_kl"] + (1 - alpha) * end
-    return not math.isfinite(end) or end >= start
+    return not (math.isfinite(val_loss) and math.isfinite(end)) or end >= start
 
 
 def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:
