@@ -5,6 +5,8 @@ its bits/byte measured as `bench_real.py` does (32 held-out blocks of pydoc topi
 counted as `greedy_loops.py` does (16 everyday prompts and the 50 held-out news openings):
 - banded calib 3 -> `--kv-heads` on only part of the layers (`--layer-sets`, e.g. the first and the last half), with
   bench_real's calibration text (240 blocks of pydoc + news) and settings: does a milder compression loop less?
+- banded calib 3 -> `--kv-heads` on every layer with only N refinement steps per layer (`--calib-steps`; 0: calib's
+  start alone, heads mixed by PCA/svd with no output fitting): does the mixing loop, or the fitting?
 - the converted model with seeded Gaussian noise on every weight matrix but the embeddings, sigma = r x the matrix's
   RMS (`--noise`): a perturbation that costs the same bits/byte without touching the attention's structure.
 Writes results.json, results.md and controls.png. About 3 minutes per model on 2 CPU cores, plus 2-3 per calib.
@@ -46,6 +48,9 @@ def parse_args(argv=None):
         "--layer-sets", nargs="*", default=["0-14", "15-29"], help="layers to compress ('0-14', '0,3,5'), one set each"
     )
     parser.add_argument("--noise", nargs="*", type=float, default=[0.02, 0.03, 0.04], help="relative weight noise")
+    parser.add_argument(
+        "--calib-steps", nargs="*", type=int, default=[], help="calib of every layer with N refinement steps, one each"
+    )
     args = parser.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} is not a saved model folder (no config.json)")
@@ -53,6 +58,8 @@ def parse_args(argv=None):
         parser.error(f"--out {args.out} is not empty ({', '.join(sorted(out_files)[:3])}); choose another")
     if any(r <= 0 for r in args.noise):
         parser.error(f"--noise scales must be positive, got {args.noise}")
+    if any(steps < 0 for steps in args.calib_steps):
+        parser.error(f"--calib-steps must be non-negative, got {args.calib_steps}")
     num_layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
     try:
         args.layer_sets = {spec: parse_layers(spec, num_layers) for spec in args.layer_sets}
@@ -89,16 +96,22 @@ def main(argv=None) -> int:
         atomic_write_json(out / "results.json", results)
 
     record("converted", Path(args.model), original, kv_fraction=1.0)
-    for spec, layers in args.layer_sets.items():
-        name = f"calib banded 3->{args.kv_heads}, layers {spec}"
+
+    def record_calib(name: str, folder: Path, **options) -> None:
         started = time.perf_counter()
         folder, compressed = pipeline.compress(
-            args.model, out / f"layers-{spec.replace(',', '_')}", args.kv_heads, "calib", calib[:CALIB_BLOCK_COUNT],
-            layers=layers, composition="banded", progress=True, calib_lr=CALIB_LR,
-            calib_query_stride=CALIB_QUERY_STRIDE,
+            args.model, folder, args.kv_heads, "calib", calib[:CALIB_BLOCK_COUNT], composition="banded", progress=True,
+            calib_lr=CALIB_LR, calib_query_stride=CALIB_QUERY_STRIDE, **options,
         )  # fmt: skip
         record(name, folder, compressed, kv_fraction=kv_fraction(compressed.config),
                seconds=time.perf_counter() - started)  # fmt: skip
+
+    for spec, layers in args.layer_sets.items():
+        record_calib(f"calib banded 3->{args.kv_heads}, layers {spec}", out / f"layers-{spec.replace(',', '_')}",
+                     layers=layers)  # fmt: skip
+    for steps in args.calib_steps:
+        record_calib(f"calib banded 3->{args.kv_heads}, {steps} refinement steps", out / f"steps-{steps}",
+                     calib_steps=steps)  # fmt: skip
     for scale in args.noise:
         noisy = add_weight_noise_(load_folder(args.model, "float32")[0], scale)
         record(f"converted + weight noise {scale:g}", save_folder(noisy, out / f"noise-{scale:g}", tokenizer), noisy,
