@@ -11,8 +11,9 @@ Sources (`source` / the `data` training setting), each loaded as a `datasets.Dat
   datasets (Hub access or the local datasets cache) and local dataset folders of parquet/csv/arrow files.
 
 Splits: a source's own "validation" split when it has one (Hub datasets). Otherwise a document goes to validation by
-a stable hash of its name (`corpus.is_validation`): the file name for the built-in corpus, `path` or `path:line` for
-local files, the row number for datasets. When that leaves a split empty (a handful of documents), every document is
+a stable hash of its name (`corpus.is_validation`): the file name for the built-in corpus; for local files the path
+relative to the source folder (the file's own name for a single-file source), with `:line` for JSONL, so the split
+does not change when the data moves; the row number for datasets. When that leaves a split empty (a handful of documents), every document is
 instead cut at the line nearest 95% of its length: the head trains, the tail validates.
 
 Blocks are int32 tensors (n_blocks, block_size). `cached_blocks` keeps them as `.npy` files under `cache_dir`, keyed
@@ -38,7 +39,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes
 _READ_BATCH = 256  # documents read (and tokenised) at a time
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: local documents named relative to the source (the split changed)
 
 
 def default_cache_dir() -> Path:
@@ -91,13 +92,14 @@ def _decode(raw: bytes, path: Path, offset: int = 0) -> str:
         ) from None
 
 
-def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
-    """(name, text) of each document in `path`, checked; a JSONL file is streamed line by line."""
+def _file_documents(path: Path, name: str) -> Iterator[tuple[str, str]]:
+    """(name, text) of each document in `path` (named `name`, or `name:line` in a JSONL file), checked; a JSONL file
+    is streamed line by line."""
     if not path.name.endswith(JSONL_SUFFIXES):
         text = _decode(path.read_bytes(), path)
         if not text.strip():
             raise ValueError(f"data file {path} is empty.")
-        yield str(path), text
+        yield name, text
         return
     found, offset = False, 0
     with path.open("rb") as file:
@@ -113,15 +115,17 @@ def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
                 raise ValueError(f'data file {path} line {number} has no string "text" field.')
             if record["text"].strip():
                 found = True
-                yield f"{path}:{number}", record["text"]
+                yield f"{name}:{number}", record["text"]
     if not found:
         raise ValueError(f'data file {path} is empty (no non-empty "text" records).')
 
 
 def _generate_file_documents(source: str, fingerprint: str) -> Iterator[dict]:
     """`Dataset.from_generator` body; `fingerprint` is unused here but keys datasets' cache to the files' state."""
+    root = Path(source).expanduser()
     for path in _text_files(source):
-        for name, text in _file_documents(path):
+        file_name = path.name if path == root else path.relative_to(root).as_posix()
+        for name, text in _file_documents(path, file_name):
             yield {"name": name, "text": text}
 
 

@@ -34,6 +34,18 @@ def test_folder_of_txt_and_jsonl_splits_deterministically(tmp_path):
     assert _documents(tmp_path / "data", "validation", tmp_path / "cache2") == validation  # deterministic
 
 
+def test_split_does_not_depend_on_where_the_data_lies(tmp_path):
+    lines = "".join(json.dumps({"text": f"record {i} " + "word " * 20}) + "\n" for i in range(60))
+    for place in ("here", "there/deeper"):
+        _write(tmp_path / place / "data.jsonl", lines)
+        _write(tmp_path / place / "notes" / "a.txt", "a note " * 30)
+    for source in ("", "data.jsonl"):  # a folder, a single file
+        here = [_documents(tmp_path / "here" / source, split, tmp_path / "cache-a") for split in ("train", "validation")]
+        there = [_documents(tmp_path / "there/deeper" / source, split, tmp_path / "cache-b")
+                 for split in ("train", "validation")]  # fmt: skip
+        assert here == there and all(here)
+
+
 def test_single_file_falls_back_to_head_tail_split(tmp_path):
     text = "".join(f"line {i}\n" for i in range(200))
     path = _write(tmp_path / "one.txt", text)
