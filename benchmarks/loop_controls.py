@@ -7,6 +7,9 @@ counted as `greedy_loops.py` does (16 everyday prompts and the 50 held-out news 
   bench_real's calibration text (240 blocks of pydoc + news) and settings: does a milder compression loop less?
 - banded calib 3 -> `--kv-heads` on every layer with only N refinement steps per layer (`--calib-steps`; 0: calib's
   start alone, heads mixed by PCA/svd with no output fitting): does the mixing loop, or the fitting?
+- banded calib 3 -> `--kv-heads` on every layer with a share of the calibration blocks made to repeat themselves
+  (`--calib-repeats F ...`: the first half of every 1/F-th block, twice): the calibration text rarely repeats, so
+  nothing holds the fit to the original's copying where greedy loops begin; does fitting on repeats loop less?
 - the converted model with seeded Gaussian noise on every weight matrix but the embeddings, sigma = r x the matrix's
   RMS (`--noise`): a perturbation that costs the same bits/byte without touching the attention's structure.
 Writes results.json, results.md and controls.png. About 3 minutes per model on 2 CPU cores, plus 2-3 per calib.
@@ -51,7 +54,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--calib-steps", nargs="*", type=int, default=[], help="calib of every layer with N refinement steps, one each"
     )
+    parser.add_argument(
+        "--calib-repeats", nargs="*", type=float, default=[], help="share of calibration blocks that repeat, one each"
+    )
     args = parser.parse_args(argv)
+    if not all(0 < share <= 1 for share in args.calib_repeats):
+        parser.error(f"--calib-repeats shares must be in (0, 1], got {args.calib_repeats}")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} is not a saved model folder (no config.json)")
     if out_files := [path.name for path in Path(args.out).glob("*")]:
@@ -78,6 +86,15 @@ def add_weight_noise_(model, scale: float, seed: int = 0):
     return model
 
 
+def with_repeats(blocks: torch.Tensor, share: float) -> torch.Tensor:
+    """`blocks` with an evenly spread `share` of them replaced by their first half twice (a block that repeats)."""
+    blocks = blocks.clone()
+    half = blocks.shape[1] // 2
+    chosen = torch.linspace(0, len(blocks) - 1, round(share * len(blocks))).long()
+    blocks[chosen, half : 2 * half] = blocks[chosen, :half]
+    return blocks
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -97,10 +114,10 @@ def main(argv=None) -> int:
 
     record("converted", Path(args.model), original, kv_fraction=1.0)
 
-    def record_calib(name: str, folder: Path, **options) -> None:
+    def record_calib(name: str, folder: Path, blocks=calib[:CALIB_BLOCK_COUNT], **options) -> None:
         started = time.perf_counter()
         folder, compressed = pipeline.compress(
-            args.model, folder, args.kv_heads, "calib", calib[:CALIB_BLOCK_COUNT], composition="banded", progress=True,
+            args.model, folder, args.kv_heads, "calib", blocks, composition="banded", progress=True,
             calib_lr=CALIB_LR, calib_query_stride=CALIB_QUERY_STRIDE, **options,
         )  # fmt: skip
         record(name, folder, compressed, kv_fraction=kv_fraction(compressed.config),
@@ -112,6 +129,9 @@ def main(argv=None) -> int:
     for steps in args.calib_steps:
         record_calib(f"calib banded 3->{args.kv_heads}, {steps} refinement steps", out / f"steps-{steps}",
                      calib_steps=steps)  # fmt: skip
+    for share in args.calib_repeats:
+        record_calib(f"calib banded 3->{args.kv_heads}, {share:g} of blocks repeating", out / f"repeats-{share:g}",
+                     blocks=with_repeats(calib[:CALIB_BLOCK_COUNT], share))  # fmt: skip
     for scale in args.noise:
         noisy = add_weight_noise_(load_folder(args.model, "float32")[0], scale)
         record(f"converted + weight noise {scale:g}", save_folder(noisy, out / f"noise-{scale:g}", tokenizer), noisy,
