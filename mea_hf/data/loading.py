@@ -13,8 +13,8 @@ Sources (`source` / the `data` training setting), each loaded as a `datasets.Dat
 Splits: a source's own "validation" split when it has one (Hub datasets). Otherwise a document goes to validation by
 a stable hash of its name (`corpus.is_validation`): the file name for the built-in corpus; for local files the path
 relative to the source folder (the file's own name for a single-file source), with `:line` for JSONL, so the split
-does not change when the data moves; the row number for datasets. When that leaves a split empty (a handful of documents), every document is
-instead cut at the line nearest 95% of its length: the head trains, the tail validates.
+does not change when the data moves; the row number for datasets. When that leaves a split empty (a handful of
+documents), every document is instead cut at the line nearest 95% of its length: the head trains, the tail validates.
 
 Blocks are int32 tensors (n_blocks, block_size). `cached_blocks` keeps them as `.npy` files under `cache_dir`, keyed
 by the data, the tokenizer and the block size, and memory-maps them, so processes and later runs share one copy.
