@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     texts = text_sources(["pydoc", "news"])
     original, tokenizer = load_folder(args.model, "float32")
-    calib = alternating_blocks(tokenizer, [texts["pydoc"]["train"], texts["news"]["train"]], BLOCK_SIZE)
+    calib_texts = [texts["pydoc"]["train"], texts["news"]["train"]]
+    calib = alternating_blocks(tokenizer, calib_texts, BLOCK_SIZE)[:CALIB_BLOCK_COUNT]
     evals = {name: pack_blocks(tokenizer, texts[name]["validation"], BLOCK_SIZE, EVAL_BLOCKS) for name in texts}
     sets = prompt_sets(news_openings=50)
     results = {"machine": machine_info(), "model": args.model, "variants": {}}
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
     record("converted", Path(args.model), original, kv_fraction=1.0)
 
-    def record_calib(name: str, folder: Path, blocks=calib[:CALIB_BLOCK_COUNT], **options) -> None:
+    def record_calib(name: str, folder: Path, blocks=calib, **options) -> None:
         started = time.perf_counter()
         folder, compressed = pipeline.compress(
             args.model, folder, args.kv_heads, "calib", blocks, composition="banded", progress=True,
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                      calib_steps=steps)  # fmt: skip
     for share in args.calib_repeats:
         record_calib(f"calib banded 3->{args.kv_heads}, {share:g} of blocks repeating", out / f"repeats-{share:g}",
-                     blocks=with_repeats(calib[:CALIB_BLOCK_COUNT], share))  # fmt: skip
+                     blocks=with_repeats(calib, share))  # fmt: skip
     for scale in args.noise:
         noisy = add_weight_noise_(load_folder(args.model, "float32")[0], scale)
         record(f"converted + weight noise {scale:g}", save_folder(noisy, out / f"noise-{scale:g}", tokenizer), noisy,
