@@ -67,6 +67,10 @@ def add_arguments(parser) -> None:
         help="step size of the layer's q projection (scalar layers: and o_proj), as a fraction of the new k/v "
         "projections' (calib; default: 0.5 for layers keeping at least half their KV heads, else 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--calib-match-entropy", action="store_true",
+        help="after refinement, give each query head the original's attention entropy back (calib; fewer greedy loops)",
+    )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -121,6 +125,7 @@ def run(args) -> int:
         model, kv_heads, layers=layers, method=args.method, calib_blocks=calib_blocks, calib_steps=args.calib_steps,
         progress=True, composition=args.composition, calib_query_stride=args.calib_query_stride,
         calib_step_blocks=args.calib_step_blocks, calib_lr=args.calib_lr, calib_q_scale=args.calib_q_scale,
+        calib_match_entropy=args.calib_match_entropy,
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {
