@@ -10,8 +10,8 @@ counted as `greedy_loops.py` does (16 everyday prompts and the 50 held-out news 
 - banded calib 3 -> `--kv-heads` on every layer with a share of the calibration blocks made to repeat themselves
   (`--calib-repeats F ...`: the first half of every 1/F-th block, twice): the calibration text rarely repeats, so
   nothing holds the fit to the original's copying where greedy loops begin; does fitting on repeats loop less?
-- banded calib 3 -> `--kv-heads` on every layer, then each query head's attention entropy matched to the
-  original's (`--match-entropy`, `mea_hf.compress.temperature`): does undoing the fit's softening loop less?
+- banded calib 3 -> `--kv-heads` on every layer, then the compressed layers' attention logits multiplied by F
+  (`--sharpen F ...`, `reduce_kv_heads(sharpen=F)`): the fit leaves attention softer; does sharper attention loop less?
 - the converted model with seeded Gaussian noise on every weight matrix but the embeddings, sigma = r x the matrix's
   RMS (`--noise`): a perturbation that costs the same bits/byte without touching the attention's structure.
 Writes results.json, results.md and controls.png. About 3 minutes per model on 2 CPU cores, plus 2-3 per calib.
@@ -60,7 +60,7 @@ def parse_args(argv=None):
         "--calib-repeats", nargs="*", type=float, default=[], help="share of calibration blocks that repeat, one each"
     )
     parser.add_argument(
-        "--match-entropy", action="store_true", help="also calib of every layer with attention entropy matched"
+        "--sharpen", nargs="*", type=float, default=[], help="calib of every layer, then attention logits x F, one each"
     )
     args = parser.parse_args(argv)
     if not all(0 < share <= 1 for share in args.calib_repeats):
@@ -71,6 +71,8 @@ def parse_args(argv=None):
         parser.error(f"--out {args.out} is not empty ({', '.join(sorted(out_files)[:3])}); choose another")
     if any(r <= 0 for r in args.noise):
         parser.error(f"--noise scales must be positive, got {args.noise}")
+    if any(factor <= 0 for factor in args.sharpen):
+        parser.error(f"--sharpen factors must be positive, got {args.sharpen}")
     if any(steps < 0 for steps in args.calib_steps):
         parser.error(f"--calib-steps must be non-negative, got {args.calib_steps}")
     num_layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
@@ -138,9 +140,9 @@ def main(argv=None) -> int:
     for share in args.calib_repeats:
         record_calib(f"calib banded 3->{args.kv_heads}, {share:g} of blocks repeating", out / f"repeats-{share:g}",
                      blocks=with_repeats(calib, share))  # fmt: skip
-    if args.match_entropy:
-        record_calib(f"calib banded 3->{args.kv_heads}, attention entropy matched", out / "entropy-matched",
-                     calib_match_entropy=True)  # fmt: skip
+    for factor in args.sharpen:
+        record_calib(f"calib banded 3->{args.kv_heads}, attention logits x{factor:g}", out / f"sharpen-{factor:g}",
+                     sharpen=factor)  # fmt: skip
     for scale in args.noise:
         noisy = add_weight_noise_(load_folder(args.model, "float32")[0], scale)
         record(f"converted + weight noise {scale:g}", save_folder(noisy, out / f"noise-{scale:g}", tokenizer), noisy,

@@ -26,8 +26,6 @@ Every factorisation goes through `factors.py`, one routine for the three familie
      steps together fit every position at a fraction of the cost; with more calibration blocks than
      `CALIB_STEP_BLOCKS`, each step also takes only one group of that many blocks, the groups in turn (more text for
      the same price per step). The step sizes decay to zero on a cosine.
-  With `calib_match_entropy`, each query head's logits are then scaled so that its attention entropy on the
-     calibration text is the original layer's again (`temperature.py`: the squared-error fit leaves attention softer).
   3. Banded layers (`CALIB_OUTPUT_REFIT`) then refit o_proj: the output is linear in it, so one ridge regression over
      every block and position gives the best o_proj for the refined keys and values (pulled towards the current one
      by `CALIB_OUTPUT_RIDGE`). Scalar layers move o_proj with Adam instead, at the q step size.
@@ -59,7 +57,7 @@ from transformers.masking_utils import create_causal_mask
 from ..configuration_mea import COMPOSITIONS
 from ..modeling_mea import banded_from_scalar, compose_heads, default_hlc
 from . import factors
-from .temperature import attention_entropy, match_attention_entropy
+from .temperature import check_sharpen, sharpen_queries
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
@@ -137,15 +135,13 @@ class CalibOptions:
     """How calib refines each layer: `steps` Adam steps from a peak step size `lr` (times each tensor's RMS; `q_scale`
     times that for the layer's q projection and, in scalar layers, o_proj; None: `calib_q_scale_for` the layer),
     each comparing every `query_stride`-th position of at most `step_blocks` blocks. `steps` and `step_blocks` left None
-    take the default of the model's composition (`for_composition`). `match_entropy`: after the steps, give the query
-    heads back the original layer's attention entropy (`temperature.py`), before the o_proj refit."""
+    take the default of the model's composition (`for_composition`)."""
 
     steps: int | None = None
     query_stride: int = CALIB_QUERY_STRIDE
     step_blocks: int | None = None
     lr: float = CALIB_LR
     q_scale: float | None = None
-    match_entropy: bool = False
 
     def for_composition(self, composition: str) -> "CalibOptions":
         """These options with `steps` and `step_blocks` left None set to `composition`'s defaults."""
@@ -167,8 +163,6 @@ class CalibOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"calib_{name} must be a positive number, got {value!r}.")
-        if not isinstance(self.match_entropy, bool):
-            raise ValueError(f"calib_match_entropy must be True or False, got {self.match_entropy!r}.")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -555,21 +549,16 @@ def _fitting_sets(
     return (inputs, targets), groups
 
 
-def _refine(
-    attn, sets, every_position, options: CalibOptions, start: tuple[list, float], entropy=None
-) -> tuple[list, float]:
+def _refine(attn, sets, every_position, options: CalibOptions, start: tuple[list, float]) -> tuple[list, float]:
     """`options.steps` Adam steps on `_refined_tensors` against the original attention output, step t on the rows of
     `sets[t % len(sets)]`, step sizes decayed from `options.lr` (times `_step_scale` and the tensor's scale) to 0 on a
-    cosine, then the original's attention entropy restored if `entropy` ((inputs, per-head target) for
-    `match_attention_entropy`) is given, then (`CALIB_OUTPUT_REFIT`) o_proj refit on `every_position` (inputs, targets). The result is kept
+    cosine, then (`CALIB_OUTPUT_REFIT`) o_proj refit on `every_position` (inputs, targets). The result is kept
     if its error there is below the start's (`start`: its outputs there and error), else the start is restored.
     Returns the outputs and error of what is kept."""
     steps = options.steps
     tensors, scales = zip(*_refined_tensors(attn, options.q_scale), strict=True)
     refit = CALIB_OUTPUT_REFIT[attn.config.composition]
-    changed = [*tensors, *attn.o_proj.parameters()] if refit else [*tensors]
-    if entropy is not None and attn.config.qk_norm:
-        changed += attn.q_norm.parameters()
+    changed = [*tensors, *attn.o_proj.parameters()] if refit else tensors
     start_values = [t.detach().clone() for t in changed]
     frozen = [p for p in attn.parameters() if p.requires_grad and all(p is not t for t in tensors)]
     for parameter in frozen:
@@ -592,8 +581,6 @@ def _refine(
         tensor.grad = None
     for parameter in frozen:
         parameter.requires_grad_(True)
-    if entropy is not None:
-        match_attention_entropy(attn, *entropy)
     finish = _refit_output_projection if refit else _outputs_and_error
     outputs, error = finish(attn, *every_position)
     if not error < start[1]:  # also undoes a diverged (NaN) refinement
@@ -617,7 +604,6 @@ def _calibrate_layer(
     )
     sets = [fitting_set for group in groups for fitting_set in group]  # the steps' order: offsets vary fastest
     inputs = sets[0][0]  # the sets of one group hold the same normed inputs (keys and values of all positions)
-    entropy = (every_position[0], attention_entropy(attn, every_position[0])) if options.match_entropy else None
     stats = _LayerStats(attn)
     for normed, _ in every_position[0]:
         stats.add(normed)
@@ -639,7 +625,7 @@ def _calibrate_layer(
         setattr(attn, name, module)
     size = sum(target.numel() for target in every_position[1])
     start = _outputs_and_error(attn, *every_position)
-    outputs, end_error = _refine(attn, sets, every_position, options, start, entropy) if options.steps else start
+    outputs, end_error = _refine(attn, sets, every_position, options, start) if options.steps else start
     return start[1] / size, end_error / size, outputs
 
 
@@ -688,7 +674,7 @@ def reduce_kv_heads(
     model, num_component_heads, layers=None, method: str = "svd", calib_blocks=None, calib_steps: int | None = None,
     progress: bool = False, composition: str | None = None, calib_query_stride: int = CALIB_QUERY_STRIDE,
     calib_step_blocks: int | None = None, calib_lr: float = CALIB_LR, calib_q_scale: float | None = None,
-    calib_match_entropy: bool = False,
+    sharpen: float = 1.0,
 ):
     """Reduce the cached KV heads of an MEAForCausalLM in place and return it.
 
@@ -698,10 +684,10 @@ def reduce_kv_heads(
     layer from a peak step size `calib_lr` (`calib_q_scale` times that for the q projection, and o_proj in scalar
     layers; None: `calib_q_scale_for` each layer's cut), each comparing
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
-    by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `calib_match_entropy` then gives each refined layer's query
-    heads the original's attention entropy back (`temperature.py`); `progress` shows a per-layer bar with the error).
+    by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).
     `composition="banded"` first rewrites a scalar-HLC model in banded form
-    (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. Layers not named keep their
+    (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. `sharpen` multiplies the
+    attention logits of every layer that now caches fewer heads (`temperature.py`; 1: unchanged). Layers not named keep their
     heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
@@ -713,12 +699,12 @@ def reduce_kv_heads(
     targets = _targets(model.config, num_component_heads, layers)
     if method == "calib":
         calib_blocks = _check_blocks(calib_blocks, model.config.vocab_size)
-        options = CalibOptions(
-            calib_steps, calib_query_stride, calib_step_blocks, calib_lr, calib_q_scale, calib_match_entropy
-        )
+        options = CalibOptions(calib_steps, calib_query_stride, calib_step_blocks, calib_lr, calib_q_scale)
     if method == "svd":
         _refuse_svd_qk_norm(model.config, targets)
+    check_sharpen(sharpen)
     check_composition(model.config, composition)
+    heads_before = {index: model.model.layers[index].self_attn.num_component_heads for index in targets}
     was_training = model.training
     model.eval()
     _enable_hlc(model)
@@ -729,6 +715,11 @@ def reduce_kv_heads(
             _set_heads(model, index, heads)
     else:
         _compress_calib(model, targets, calib_blocks, options.for_composition(model.config.composition), progress)
+    if sharpen != 1.0:
+        for index in targets:
+            attn = model.model.layers[index].self_attn
+            if attn.num_component_heads < heads_before[index]:
+                sharpen_queries(attn, sharpen)
     model.train(was_training)
     return model
 

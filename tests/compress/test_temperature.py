@@ -1,85 +1,75 @@
-"""calib's attention-entropy matching (`mea_hf.compress.temperature`): it finds and undoes a known softening of the
-queries exactly (per head; per layer under qk_norm), gives a calib-compressed layer the original's entropy back, and
-the CLI flag does what the Python option does."""
+"""Sharper attention in compressed layers (`mea_hf.compress.temperature`, `reduce_kv_heads(sharpen=F)`): every
+attention logit of a compressed layer is multiplied by F, in the weights (per-head q_proj rows, or q_norm under
+qk_norm); layers left as they were are untouched; bad factors are refused before anything changes; the CLI flag does
+what the Python option does."""
 
 import copy
 
 import pytest
 import torch
 from helpers import tiny_model
-from test_compress import random_blocks
+from test_compress import logits, random_blocks
 from transformers import AutoModelForCausalLM
 
 from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import reduce_kv_heads
-from mea_hf.compress.temperature import attention_entropy, match_attention_entropy
+from mea_hf.compress.temperature import sharpen_queries
+from mea_hf.modeling_mea import compose_heads
 
 
-def first_layer_inputs(model, ids):
-    """(normed, extras) of layer 0 on `ids`: its input is the embeddings, whatever the later layers are."""
-    hidden = model.model.embed_tokens(ids)
-    position_embeddings = model.model.rotary_emb(hidden, position_ids=torch.arange(ids.shape[1])[None])
-    normed = model.model.layers[0].input_layernorm(hidden)
-    return [(normed, {"position_embeddings": position_embeddings, "attention_mask": None})]
+def attention_logits(model, layer: int, ids) -> torch.Tensor:
+    """Layer `layer`'s attention logits (batch, H, seq, seq) on the hidden states the model gives it for `ids`."""
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[layer]
+        position_embeddings = model.model.rotary_emb(hidden, position_ids=torch.arange(ids.shape[1])[None])
+        attn = model.model.layers[layer].self_attn
+        normed = model.model.layers[layer].input_layernorm(hidden)
+        queries = attn.project_queries(normed, position_embeddings)
+        key_components, _ = attn.project_components(normed, position_embeddings)
+        keys = compose_heads(key_components, attn.mixing()[0]).repeat_interleave(attn.num_key_value_groups, dim=1)
+        return queries @ keys.transpose(-1, -2)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_matching_undoes_a_known_softening(qk_norm):
-    model = tiny_model(qk_norm=qk_norm)
-    attn = model.model.layers[0].self_attn
-    with torch.no_grad():
-        inputs = first_layer_inputs(model, random_blocks())
-        target = attention_entropy(attn, inputs)
-        original = {name: tensor.clone() for name, tensor in attn.state_dict().items()}
-        if qk_norm:  # one factor per layer: q_norm's weight is shared by the heads
-            softening = torch.full((attn.config.num_attention_heads,), 0.6)
-            attn.q_norm.weight.mul_(0.6)
-        else:
-            softening = torch.tensor([0.5, 0.8, 1.0, 1.6])
-            attn.q_proj.weight.mul_(softening.repeat_interleave(attn.head_dim)[:, None])
-        assert not torch.allclose(attention_entropy(attn, inputs), target, atol=1e-3)
-        scales = match_attention_entropy(attn, inputs, target)
-        torch.testing.assert_close(scales, 1 / softening, rtol=1e-4, atol=0)
-        torch.testing.assert_close(attention_entropy(attn, inputs), target, rtol=0, atol=1e-5)
-        for name, tensor in attn.state_dict().items():
-            torch.testing.assert_close(tensor, original[name], rtol=1e-4, atol=1e-6, msg=name)
+def test_sharpen_multiplies_every_logit_of_the_layer(qk_norm):
+    model = tiny_model(qk_norm=qk_norm, attention_bias=True)
+    ids = random_blocks()
+    before = attention_logits(model, 0, ids)
+    sharpen_queries(model.model.layers[0].self_attn, 1.3)
+    torch.testing.assert_close(attention_logits(model, 0, ids), 1.3 * before)
 
 
-def test_calib_gives_the_compressed_layer_the_original_entropy():
+def test_reduce_sharpens_only_the_layers_it_compresses():
     model = tiny_model(num_key_value_heads=4)
-    blocks = random_blocks()
-    with torch.no_grad():
-        original = attention_entropy(model.model.layers[0].self_attn, first_layer_inputs(model, blocks))
+    ids = random_blocks()
+    plain = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1])
+    sharp = reduce_kv_heads(copy.deepcopy(model), 2, layers=[1], sharpen=1.3)
+    torch.testing.assert_close(attention_logits(sharp, 0, ids), attention_logits(plain, 0, ids))
+    torch.testing.assert_close(attention_logits(sharp, 1, ids), 1.3 * attention_logits(plain, 1, ids))
+    assert not torch.allclose(logits(sharp, ids), logits(plain, ids), atol=1e-4)
+    again = reduce_kv_heads(copy.deepcopy(sharp), 2, layers=[1], sharpen=1.3)  # h' unchanged: nothing compressed
+    torch.testing.assert_close(attention_logits(again, 1, ids), attention_logits(sharp, 1, ids))
 
-    def compressed_entropy(**options):
-        compressed = reduce_kv_heads(copy.deepcopy(model), 2, method="calib", composition="banded",
-                                     calib_blocks=blocks, **options)  # fmt: skip
-        assert compressed.config.num_component_heads == 2
-        with torch.no_grad():
-            return attention_entropy(compressed.model.layers[0].self_attn, first_layer_inputs(compressed, blocks))
 
-    assert not torch.allclose(compressed_entropy(), original, atol=1e-3)  # the output fit moved it
-    torch.testing.assert_close(compressed_entropy(calib_match_entropy=True), original, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="calib_match_entropy must be True or False"):
-        reduce_kv_heads(copy.deepcopy(model), 2, method="calib", calib_blocks=blocks, calib_match_entropy="yes")
+@pytest.mark.parametrize("factor", [0, -1.0, float("inf"), True, "1.1"])
+def test_bad_factors_are_refused_before_anything_changes(factor):
+    model = tiny_model(num_key_value_heads=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="sharpen must be a positive number"):
+        reduce_kv_heads(model, 2, sharpen=factor)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_cli_flag_matches_the_python_option(tmp_path, tokenizer):
-    from mea_hf.data.loading import token_blocks
     from mea_hf.hub import save_folder
 
     model = tiny_model(vocab_size=len(tokenizer), num_key_value_heads=4)
     save_folder(model, tmp_path / "mea", tokenizer)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(4000)))
-    out = tmp_path / "matched"
-    args = ["compress", "--model", str(tmp_path / "mea"), "--kv-heads", "2", "--composition", "banded", "--method",
-            "calib", "--calib-data", str(text), "--calib-block-size", "16", "--calib-blocks", "4", "--calib-steps",
-            "5", "--calib-match-entropy", "--out", str(out)]  # fmt: skip
+    out = tmp_path / "sharp"
+    args = ["compress", "--model", str(tmp_path / "mea"), "--kv-heads", "2", "--sharpen", "1.1", "--out", str(out)]
     assert mea_main(args) == 0
-    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    blocks = token_blocks(tokenizer, str(text), "train", 4, 16, "calibration")
-    by_hand = reduce_kv_heads(copy.deepcopy(model), 2, method="calib", composition="banded", calib_blocks=blocks,
-                              calib_steps=5, calib_match_entropy=True).state_dict()  # fmt: skip
-    for name, tensor in by_hand.items():
-        torch.testing.assert_close(loaded[name], tensor, msg=name)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    expected = reduce_kv_heads(copy.deepcopy(model), 2, sharpen=1.1)
+    ids = random_blocks(vocab=len(tokenizer))
+    torch.testing.assert_close(logits(loaded, ids), logits(expected, ids))
