@@ -15,6 +15,7 @@ from ..compress.reduce import (
     parse_layers,
     reduce_kv_heads,
 )
+from ..compress.temperature import check_sharpen
 from ..configuration_mea import COMPOSITIONS
 from ..data.loading import token_blocks
 from ..hub.folders import check_model_folder, load_folder
@@ -69,8 +70,8 @@ def add_arguments(parser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--sharpen", type=float, default=1.0,
-        help="multiply the attention logits of the compressed layers by this (1: unchanged; 1.1 halved the extra "
-        "greedy loops of SmolLM2-135M banded calib 3 -> 2, README)",
+        help="multiply the attention logits of the compressed layers by this (1: unchanged; 1.1 took SmolLM2-135M "
+        "banded calib 3 -> 2 from 35 to 26 greedy loops in 66 prompts, README)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -116,6 +117,7 @@ def run(args) -> int:
     config = check_model_folder(args.model, mea_only=True, what="--model")
     kv_heads, layers = _layers_from_args(args, config)
     check_composition(config, args.composition)
+    check_sharpen(args.sharpen)
     check_output_dir(args.out, args.overwrite, what="--out")
     model, tokenizer = load_folder(args.model, args.dtype)
     calib_blocks = None
