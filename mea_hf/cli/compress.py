@@ -132,7 +132,9 @@ def run(args) -> int:
     )
     base_model = getattr(model.config, "base_model_name_or_path", None) or Path(args.model).resolve().name
     card = {
-        "how_made": describe_compression(str(args.model), args.method, kv_heads, layers, model.config),
+        "how_made": describe_compression(
+            str(args.model), args.method, kv_heads, layers, model.config, args.sharpen
+        ),
         "base_model": base_model,
     }
     save_folder(model, args.out, tokenizer, card=card, overwrite=args.overwrite)

@@ -686,9 +686,9 @@ def reduce_kv_heads(
     outputs at every `calib_query_stride`-th position of at most `calib_step_blocks` blocks (these two, when None,
     by composition: `CALIB_STEPS`, `CALIB_STEP_BLOCKS`); `progress` shows a per-layer bar with the error).
     `composition="banded"` first rewrites a scalar-HLC model in banded form
-    (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. `sharpen` multiplies the
-    attention logits of every layer that now caches fewer heads (`temperature.py`; 1: unchanged). Layers not named keep their
-    heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
+    (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. `sharpen` multiplies
+    the attention logits of every layer that now caches fewer heads (`temperature.py`; 1: unchanged). Layers not
+    named keep their heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
         raise ValueError(
@@ -744,13 +744,15 @@ __all__ = [
 ]
 
 
-def describe_compression(source_name: str, method: str, kv_heads: int, layers, config) -> str:
+def describe_compression(source_name: str, method: str, kv_heads: int, layers, config, sharpen: float = 1.0) -> str:
     """Model-card provenance line of a compressed model (`config` is the compressed model's)."""
     from ..memory import kv_fraction
 
     where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
+    sharpened = f"The compressed layers' attention logits were multiplied by {sharpen:g} (`--sharpen`). "
     return (
         f"Compressed from `{source_name}` with `mea compress --method {method}` ({config.composition} composition): "
         f"{where} reduced to {kv_heads} cached KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
-        "the uncompressed model's. Continue training (`mea train --init-from FOLDER`) to recover the loss."
+        f"the uncompressed model's. {sharpened if sharpen != 1.0 else ''}"
+        "Continue training (`mea train --init-from FOLDER`) to recover the loss."
     )

@@ -30,7 +30,9 @@ def compress(source, out, kv_heads: int, method: str, calib_blocks=None, layers=
     model, tokenizer = load_folder(source, "float32")
     reduce_kv_heads(model, kv_heads, layers=layers, method=method, calib_blocks=calib_blocks,
                     composition=composition, progress=progress, **calib_options)  # fmt: skip
-    how_made = how_made or describe_compression(str(source), method, kv_heads, layers, model.config)
+    how_made = how_made or describe_compression(
+        str(source), method, kv_heads, layers, model.config, calib_options.get("sharpen", 1.0)
+    )
     return save_folder(model, out, tokenizer, card={"how_made": how_made}), model
 
 

@@ -73,6 +73,7 @@ def test_cli_flag_matches_the_python_option(tmp_path, tokenizer):
     expected = reduce_kv_heads(copy.deepcopy(model), 2, sharpen=1.1)
     ids = random_blocks(vocab=len(tokenizer))
     torch.testing.assert_close(logits(loaded, ids), logits(expected, ids))
+    assert "attention logits were multiplied by 1.1" in (out / "README.md").read_text()
     refused = tmp_path / "refused"
     assert mea_main([*args[:-4], "--sharpen", "0", "--out", str(refused)]) != 0
     assert not refused.exists()
