@@ -688,7 +688,8 @@ def reduce_kv_heads(
     `composition="banded"` first rewrites a scalar-HLC model in banded form
     (exactly), so the reduced layers get per-RoPE-pair key weights and d x d value maps. `sharpen` multiplies
     the attention logits of every layer that now caches fewer heads (`temperature.py`; 1: unchanged). Layers not
-    named keep their heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as it is (calib).
+    named keep their heads and weights; a named layer whose h' is unchanged is rewritten exactly (svd) or left as
+    it is (calib).
     """
     if getattr(model.config, "model_type", None) != "mea":
         raise ValueError(
@@ -749,10 +750,12 @@ def describe_compression(source_name: str, method: str, kv_heads: int, layers, c
     from ..memory import kv_fraction
 
     where = "all layers" if layers is None else f"layers {', '.join(map(str, layers))}"
-    sharpened = f"The compressed layers' attention logits were multiplied by {sharpen:g} (`--sharpen`). "
+    sharpened = ""
+    if sharpen != 1.0:
+        sharpened = f"The compressed layers' attention logits were multiplied by {sharpen:g} (`--sharpen`). "
     return (
         f"Compressed from `{source_name}` with `mea compress --method {method}` ({config.composition} composition): "
         f"{where} reduced to {kv_heads} cached KV component heads (of {config.num_key_value_heads}); the KV cache is {100 * kv_fraction(config):.1f}% of "
-        f"the uncompressed model's. {sharpened if sharpen != 1.0 else ''}"
+        f"the uncompressed model's. {sharpened}"
         "Continue training (`mea train --init-from FOLDER`) to recover the loss."
     )
