@@ -10,6 +10,7 @@ from huggingface_hub.errors import StrictDataclassError
 COMMANDS = {
     "convert": ("mea_hf.cli.convert", "Convert a Llama/Mistral/Qwen2/Qwen3 folder or GGUF file to an MEA folder."),
     "compress": ("mea_hf.cli.compress", "Reduce the cached KV heads of an MEA folder (SVD or calibration)."),
+    "sharpen": ("mea_hf.cli.sharpen", "Multiply an MEA folder's attention logits by a factor (fewer greedy loops)."),
     "sensitivity": ("mea_hf.cli.sensitivity", "Compress one layer at a time and measure the validation loss."),
     "train": ("mea_hf.cli.train", "Pretrain (or continue training) an MEA or Llama model with accelerate."),
     "sweep-lr": ("mea_hf.cli.sweep_lr", "Run the same short training for each (variant, learning rate) pair."),

@@ -3,7 +3,8 @@
 
 calib's squared-error fit leaves a compressed layer attending more softly than the original, and its greedy text
 loops more often. Scaling the logits of the layers that were compressed by a factor above 1 (`reduce_kv_heads(...,
-sharpen=F)`, `mea compress --sharpen F`) counters that. The factor goes into the rows of q_proj (under `qk_norm`,
+sharpen=F)`, `mea compress --sharpen F`) counters that. Distillation softens them again, so a distilled model is
+sharpened afterwards (`sharpen_layers`, `mea sharpen`). The factor goes into the rows of q_proj (under `qk_norm`,
 whose per-head norm would undo that, into q_norm's weight), so the config, the cache and every decode path stay as
 they are.
 """
@@ -29,3 +30,20 @@ def sharpen_queries(attn, factor: float) -> None:
             attn.q_proj.weight.mul_(factor)
             if attn.q_proj.bias is not None:
                 attn.q_proj.bias.mul_(factor)
+
+
+def sharpen_layers(model, factor: float, layers: list[int] | None = None) -> None:
+    """Multiply every attention logit of `layers` (default: all) of the MEA model `model` by `factor` (in place)."""
+    check_sharpen(factor)
+    for index in range(model.config.num_hidden_layers) if layers is None else layers:
+        sharpen_queries(model.model.layers[index].self_attn, factor)
+
+
+def describe_sharpening(source_name: str, factor: float, layers: list[int] | None) -> str:
+    """Model-card provenance line of a model sharpened by `mea sharpen`."""
+    where = "every layer" if layers is None else f"layers {', '.join(map(str, layers))}"
+    return (
+        f"Sharpened from `{source_name}` with `mea sharpen`: the attention logits of {where} multiplied by {factor:g}. "
+        "Calibration and distillation leave a compressed model's attention softer than the original's, and its "
+        "greedy text loops more; sharper attention loops less."
+    )

@@ -1,7 +1,7 @@
 """Sharper attention in compressed layers (`mea_hf.compress.temperature`, `reduce_kv_heads(sharpen=F)`): every
 attention logit of a compressed layer is multiplied by F, in the weights (per-head q_proj rows, or q_norm under
 qk_norm); layers left as they were are untouched; bad factors are refused before anything changes; the CLI flag does
-what the Python option does."""
+what the Python option does. `sharpen_layers` / `mea sharpen` do the same to chosen layers of any MEA folder."""
 
 import copy
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from mea_hf.cli import main as mea_main
 from mea_hf.compress.reduce import reduce_kv_heads
-from mea_hf.compress.temperature import sharpen_queries
+from mea_hf.compress.temperature import sharpen_layers, sharpen_queries
 from mea_hf.modeling_mea import compose_heads
 
 
@@ -77,3 +77,44 @@ def test_cli_flag_matches_the_python_option(tmp_path, tokenizer):
     refused = tmp_path / "refused"
     assert mea_main([*args[:-4], "--sharpen", "0", "--out", str(refused)]) != 0
     assert not refused.exists()
+
+
+def test_sharpen_layers_touches_only_the_chosen_layers():
+    model = tiny_model(num_key_value_heads=4)
+    ids = random_blocks()
+    sharp = copy.deepcopy(model)
+    sharpen_layers(sharp, 1.2, layers=[1])
+    torch.testing.assert_close(attention_logits(sharp, 0, ids), attention_logits(model, 0, ids))
+    torch.testing.assert_close(attention_logits(sharp, 1, ids), 1.2 * attention_logits(model, 1, ids))
+    every = copy.deepcopy(model)
+    sharpen_layers(every, 1.2)
+    for before, after in zip(model.model.layers, every.model.layers, strict=True):
+        torch.testing.assert_close(after.self_attn.q_proj.weight, 1.2 * before.self_attn.q_proj.weight)
+
+
+def test_sharpen_command_matches_the_python_function(tmp_path, tokenizer):
+    from mea_hf.hub import save_folder
+
+    model = reduce_kv_heads(tiny_model(vocab_size=len(tokenizer), num_key_value_heads=4), 2)
+    save_folder(model, tmp_path / "mea", tokenizer)
+    out = tmp_path / "sharp"
+    args = ["sharpen", "--model", str(tmp_path / "mea"), "--factor", "1.1", "--layers", "1", "--out", str(out)]
+    assert mea_main(args) == 0
+    expected = copy.deepcopy(model)
+    sharpen_layers(expected, 1.1, layers=[1])
+    ids = random_blocks(vocab=len(tokenizer))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), ids), logits(expected, ids))
+    assert "attention logits of layers 1 multiplied by 1.1" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--factor", "0", "sharpen must be a positive number"),
+                                                        ("--layers", "7", "layer")])  # fmt: skip
+def test_sharpen_command_refuses_bad_input_without_output(tmp_path, tokenizer, capsys, flag, value, message):
+    from mea_hf.hub import save_folder
+
+    save_folder(tiny_model(vocab_size=len(tokenizer)), tmp_path / "mea", tokenizer)
+    out = tmp_path / "refused"
+    args = {"--model": str(tmp_path / "mea"), "--factor": "1.1", "--out": str(out), flag: value}
+    assert mea_main(["sharpen", *(item for pair in args.items() for item in pair)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
