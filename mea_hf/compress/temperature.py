@@ -3,7 +3,7 @@
 
 calib's squared-error fit leaves a compressed layer attending more softly than the original, and its greedy text
 loops more often. Scaling the logits of the layers that were compressed by a factor above 1 (`reduce_kv_heads(...,
-sharpen=F)`, `mea compress --sharpen F`) counters that. Distillation softens them again, so a distilled model is
+sharpen=F)`, `mea compress --sharpen F`) counters that. Distillation undoes that gain, so a distilled model is
 sharpened afterwards (`sharpen_layers`, `mea sharpen`). The factor goes into the rows of q_proj (under `qk_norm`,
 whose per-head norm would undo that, into q_norm's weight), so the config, the cache and every decode path stay as
 they are.
@@ -44,6 +44,6 @@ def describe_sharpening(source_name: str, factor: float, layers: list[int] | Non
     where = "every layer" if layers is None else f"layers {', '.join(map(str, layers))}"
     return (
         f"Sharpened from `{source_name}` with `mea sharpen`: the attention logits of {where} multiplied by {factor:g}. "
-        "Calibration and distillation leave a compressed model's attention softer than the original's, and its "
-        "greedy text loops more; sharper attention loops less."
+        "Calibration leaves a compressed model's attention softer than the original's, and its greedy text loops "
+        "more; sharper attention loops less, after distillation too."
     )
