@@ -20,6 +20,7 @@ from ..configuration_mea import COMPOSITIONS
 from ..data.loading import token_blocks
 from ..hub.folders import check_model_folder, load_folder
 from ..utils.atomic import check_output_dir
+from .options import add_folder_output_arguments
 
 DEFAULT_CALIB_BLOCK_SIZE = 256
 
@@ -74,9 +75,7 @@ def add_arguments(parser) -> None:
         "banded calib 3 -> 2 from 35 to 26 greedy loops in 66 prompts, README)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_folder_output_arguments(parser)
 
 
 def check_kv_heads(kv_heads: int, config) -> None:

@@ -7,18 +7,14 @@ import torch
 from ..convert import from_llama, load_tokenizer
 from ..gguf import is_gguf_path
 from ..hub import save_folder
+from .options import add_folder_output_arguments
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--model", required=True, help="local folder or .gguf file of a Llama/Mistral/Qwen2/Qwen3 causal LM"
     )
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-        help="dtype of the saved weights (auto: the checkpoint's own)",
-    )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_folder_output_arguments(parser, dtype_help="dtype of the saved weights (auto: the checkpoint's own)")
 
 
 def run(args) -> int:

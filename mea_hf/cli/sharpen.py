@@ -6,6 +6,7 @@ from ..compress.reduce import parse_layers
 from ..compress.temperature import check_sharpen, describe_sharpening, sharpen_layers
 from ..hub.folders import check_model_folder, load_folder
 from ..utils.atomic import check_output_dir
+from .options import add_folder_output_arguments
 
 
 def add_arguments(parser) -> None:
@@ -16,9 +17,7 @@ def add_arguments(parser) -> None:
         "to 29 greedy loops in 66 prompts, README)",
     )  # fmt: skip
     parser.add_argument("--layers", help="layers to sharpen: '4-11', '0,3,5' or a mix; default all")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_folder_output_arguments(parser)
 
 
 def run(args) -> int:

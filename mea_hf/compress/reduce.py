@@ -57,7 +57,7 @@ from transformers.masking_utils import create_causal_mask
 from ..configuration_mea import COMPOSITIONS
 from ..modeling_mea import banded_from_scalar, compose_heads, default_hlc
 from . import factors
-from .temperature import check_sharpen, sharpen_queries
+from .temperature import check_sharpen, sharpen_layers
 
 METHODS = ("svd", "calib")
 CALIB_BATCH = 8
@@ -717,10 +717,9 @@ def reduce_kv_heads(
     else:
         _compress_calib(model, targets, calib_blocks, options.for_composition(model.config.composition), progress)
     if sharpen != 1.0:
-        for index in targets:
-            attn = model.model.layers[index].self_attn
-            if attn.num_component_heads < heads_before[index]:
-                sharpen_queries(attn, sharpen)
+        compressed = [index for index in targets
+                      if model.model.layers[index].self_attn.num_component_heads < heads_before[index]]  # fmt: skip
+        sharpen_layers(model, sharpen, compressed)
     model.train(was_training)
     return model
 
