@@ -5,8 +5,11 @@ For each model folder: the greedy continuation of every prompt, whether it is st
 Four prompts are too few to tell a compressed model from its original (two loops more or less move the mean share by
 a lot); sixteen, 64 new tokens each, say more, still about one minute per 135M model on 2 CPU cores.
 `--news-openings N` adds the first words of N held-out news articles (the Lee corpus's 50 validation articles, never
-trained or calibrated on) as a second, larger set of prompts in another register. Writes results.json (with every
-continuation), results.md and loops.png.
+trained or calibrated on) as a second, larger set of prompts in another register; `--news-middles N` 16 words from
+the sentence start nearest each article's middle, a third set for models or settings that were chosen on the other
+two. Every model after the first is compared with the first (the reference, usually the original) prompt by prompt:
+how many prompts loop only in it, only in the reference, and the exact McNemar p-value of that difference. Writes
+results.json (with every continuation), results.md and loops.png.
 
     python benchmarks/greedy_loops.py --out runs/greedy_loops runs/s21/broad/converted runs/s21/broad/distill-2/final
 """
@@ -18,7 +21,8 @@ from pathlib import Path
 from bench_real import PROMPTS, greedy_continuation
 from tqdm.auto import tqdm
 
-from mea_hf.data.news import lee_news
+from mea_hf.data.news import lee_news, mid_article_opening
+from mea_hf.evaluation.paired import discordant_pairs, mcnemar_exact_p
 from mea_hf.evaluation.repetition import ends_in_loop, repeated_ngram_fraction
 from mea_hf.hub.folders import load_folder
 from mea_hf.utils import plots
@@ -49,23 +53,28 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs/greedy_loops")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--news-openings", type=int, default=0, help="N held-out news openings (<= 50)")
+    parser.add_argument("--news-middles", type=int, default=0, help="N held-out news articles' middles (<= 50)")
     args = parser.parse_args(argv)
     missing = [folder for folder in args.folders if not (Path(folder) / "config.json").is_file()]
     if missing:
         parser.error(f"not saved model folders (no config.json): {', '.join(missing)}")
     if args.new_tokens < 16:
         parser.error(f"--new-tokens must be at least 16 (an 8-token loop test needs room), got {args.new_tokens}")
-    if not 0 <= args.news_openings <= 50:
-        parser.error(f"--news-openings must be 0 to 50 (the held-out articles), got {args.news_openings}")
+    for flag in ("news_openings", "news_middles"):
+        if not 0 <= getattr(args, flag) <= 50:
+            parser.error(f"--{flag.replace('_', '-')} must be 0 to 50 (the held-out articles), got {getattr(args, flag)}")
     return args
 
 
-def prompt_sets(news_openings: int) -> dict[str, tuple[str, ...]]:
-    """{set name: prompts}: the everyday ones (bench_real's four first) and the held-out news openings if asked for."""
+def prompt_sets(news_openings: int, news_middles: int = 0) -> dict[str, tuple[str, ...]]:
+    """{set name: prompts}: the everyday ones (bench_real's four first), then the held-out news openings and middles
+    if asked for."""
     sets = {"everyday": PROMPTS + MORE_PROMPTS}
+    articles = lee_news()["validation"] if news_openings or news_middles else []
     if news_openings:
-        articles = lee_news()["validation"][:news_openings]
-        sets["news"] = tuple(" ".join(article.split()[:OPENING_WORDS]) for article in articles)
+        sets["news"] = tuple(" ".join(article.split()[:OPENING_WORDS]) for article in articles[:news_openings])
+    if news_middles:
+        sets["news middles"] = tuple(mid_article_opening(article, OPENING_WORDS) for article in articles[:news_middles])
     return sets
 
 
@@ -88,22 +97,38 @@ def measure(folder: str, sets: dict[str, tuple[str, ...]], new_tokens: int, prog
     }
 
 
+SET_LABELS = {"everyday": "everyday", "news": "news openings", "news middles": "news middles"}
+
+
+def against_reference(samples: list[dict], reference: list[dict]) -> dict:
+    """Prompt-by-prompt loops against the reference model's on the same prompts: {"only_here", "only_first", "p"}."""
+    here, first = [sample["loops"] for sample in samples], [sample["loops"] for sample in reference]
+    only_here, only_first = discordant_pairs(here, first)
+    return {"only_here": only_here, "only_first": only_first, "p": mcnemar_exact_p(only_here, only_first)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    sets = prompt_sets(args.news_openings)
+    sets = prompt_sets(args.news_openings, args.news_middles)
     sizes = {name: len(prompts) for name, prompts in sets.items()}
     results = {"machine": machine_info(), "new_tokens": args.new_tokens, "prompts": sizes}
     with tqdm(total=len(args.folders) * sum(sizes.values()), desc="greedy samples") as progress:
         results["models"] = {folder: measure(folder, sets, args.new_tokens, progress) for folder in args.folders}
+    reference = results["models"][args.folders[0]]
+    for r in results["models"].values():
+        r["against_first"] = against_reference(r["samples"], reference["samples"])
     header = ["model", f"ends in a loop, of {sizes['everyday']} everyday", "of bench_real's four"]
-    header += [f"of {sizes['news']} news openings"] if "news" in sets else []
+    header += [f"of {sizes[name]} {SET_LABELS[name]}" for name in sets if name != "everyday"]
+    header += ["repeated 4-grams, all", f"loops only here / only in the first, all {sum(sizes.values())}", "McNemar p"]
     rows = []
     for folder, r in results["models"].items():
         row = [folder, str(r["loops"]["everyday"]), str(r["loops_first_four"])]
-        row += [str(r["loops"]["news"])] if "news" in sets else []
-        rows.append(row + [f"{r['repeated_4grams']:.2f}"])
-    table = markdown_table(header + ["repeated 4-grams, all"], rows)
+        row += [str(r["loops"][name]) for name in sets if name != "everyday"]
+        paired = r["against_first"]
+        row += [f"{r['repeated_4grams']:.2f}", f"{paired['only_here']} / {paired['only_first']}", f"{paired['p']:.3g}"]
+        rows.append(row)
+    table = markdown_table(header, rows)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", table + "\n")
     figure, axis = plots.plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))

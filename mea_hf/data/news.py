@@ -21,3 +21,12 @@ def lee_news(cache_dir: str | os.PathLike | None = None) -> dict[str, list[str]]
     """{"train": 300 articles, "validation": 50 other articles}, downloaded and cached on first use."""
     paths = files_from_pypi(*GENSIM, list(LEE_FILES.values()), cache_dir)  # one download for both files
     return {split: parse_lee(path.read_bytes()) for split, path in zip(LEE_FILES, paths, strict=True)}
+
+
+def mid_article_opening(article: str, words: int) -> str:
+    """`words` whitespace-split words of `article` from the sentence start nearest its middle (a prompt that is not
+    the article's opening); from the middle word itself when no sentence starts early enough to leave `words` words."""
+    tokens = article.split()
+    starts = [i for i in range(1, len(tokens) - words + 1) if tokens[i - 1][-1] in ".?!"]
+    start = min(starts, key=lambda i: abs(i - len(tokens) / 2)) if starts else max(0, (len(tokens) - words) // 2)
+    return " ".join(tokens[start : start + words])

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from mea_hf.data.news import GENSIM, lee_news, parse_lee
+from mea_hf.data.news import GENSIM, lee_news, mid_article_opening, parse_lee
 
 
 def test_articles_are_the_non_empty_lines_of_a_latin_1_file():
@@ -20,3 +20,10 @@ def test_splits_come_from_their_own_cached_files(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("downloaded although cached"))
     assert lee_news(tmp_path) == {"train": ["first train article", "second train article"],
                                   "validation": ["a validation article"]}  # fmt: skip
+
+
+def test_mid_article_opening_starts_at_the_sentence_nearest_the_middle():
+    article = "One two three. Four five six seven. Eight nine ten eleven twelve. Thirteen fourteen."
+    assert mid_article_opening(article, 3) == "Eight nine ten"  # sentences start at words 3, 7, 12; 14 words
+    assert mid_article_opening(article, 8) == "Four five six seven. Eight nine ten eleven"  # 7 leaves only 7
+    assert mid_article_opening("no sentence ends here at all", 2) == "ends here"  # no start: the middle words
