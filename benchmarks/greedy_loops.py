@@ -5,9 +5,9 @@ For each model folder: the greedy continuation of every prompt, whether it is st
 Four prompts are too few to tell a compressed model from its original (two loops more or less move the mean share by
 a lot); sixteen, 64 new tokens each, say more, still about one minute per 135M model on 2 CPU cores.
 `--news-openings N` adds the first words of N held-out news articles (the Lee corpus's 50 validation articles, never
-trained or calibrated on) as a second, larger set of prompts in another register; `--news-middles N` 16 words from
-the sentence start nearest each article's middle, a third set for models or settings that were chosen on the other
-two. Every model after the first is compared with the first (the reference, usually the original) prompt by prompt:
+trained or calibrated on) as a second, larger set of prompts in another register. Two more sets check models or
+settings that were chosen on those: `--fresh-everyday` (48 everyday prompts written after the choices) and
+`--news-middles N` (16 words from the sentence start nearest each article's middle). Every model after the first is compared with the first (the reference, usually the original) prompt by prompt:
 how many prompts loop only in it, only in the reference, and the exact McNemar p-value of that difference. Writes
 results.json (with every continuation), results.md and loops.png.
 
@@ -44,6 +44,58 @@ MORE_PROMPTS = (
     "Dear hiring manager, I am writing to apply for",
     "The most popular sports in the world are",
 )
+# Written in session 30, after every factor and setting in the README had been chosen: a check on choices made with
+# the sixteen above, in the register where the original model seldom loops (`--fresh-everyday`).
+FRESH_EVERYDAY = (
+    "The easiest way to keep houseplants alive is",
+    "When I moved to a new city, the hardest part was",
+    "A balanced breakfast usually includes",
+    "The library in our town opens at nine, and",
+    "Before you go hiking in the mountains, make sure",
+    "The invention of the printing press changed",
+    "My grandmother always told me that",
+    "To make a cup of tea, first",
+    "The main reasons people adopt dogs are",
+    "Our team lost the final match because",
+    "The museum's new exhibition shows",
+    "Learning to play the piano as an adult",
+    "The city council voted on Tuesday to",
+    "Honey bees are important to farmers because",
+    "During the winter, many birds",
+    "A good manager listens to",
+    "The old lighthouse on the hill was built",
+    "If you want to save money on groceries,",
+    "The Amazon rainforest is home to",
+    "Thank you for your email. Unfortunately,",
+    "The train was delayed for two hours, so",
+    "Children learn to read by",
+    "The recipe calls for three eggs, a cup of flour and",
+    "After the storm, the streets of the village",
+    "Mount Everest is the highest mountain in the world, and",
+    "The key to a successful job interview is",
+    "Last weekend we visited the zoo, where",
+    "Electric cars are becoming more popular because",
+    "The moon affects the tides on Earth by",
+    "In the nineteenth century, most people travelled",
+    "Ancient Egyptians built the pyramids to",
+    "Good afternoon, everyone. Today I want to talk about",
+    "The doctor advised him to",
+    "Coffee was first discovered in",
+    "A healthy lawn needs",
+    "The bakery on the corner sells",
+    "Our neighbours are planning a street party, and",
+    "The Olympic Games are held every four years in",
+    "The most common mistake new drivers make is",
+    "She opened the letter and read",
+    "Recycling plastic bottles helps the environment because",
+    "The company announced that its profits",
+    "Earthquakes happen when",
+    "To stay focused while studying, try",
+    "The ship left the harbour at dawn and",
+    "Water boils at a lower temperature in the mountains because",
+    "The festival of lights is celebrated",
+    "When choosing a laptop for university, students should",
+)
 OPENING_WORDS = 16  # a news prompt: the article's first words (whitespace-split, so the same for every tokenizer)
 
 
@@ -53,6 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs/greedy_loops")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--news-openings", type=int, default=0, help="N held-out news openings (<= 50)")
+    parser.add_argument("--fresh-everyday", action="store_true", help=f"{len(FRESH_EVERYDAY)} more everyday prompts")
     parser.add_argument("--news-middles", type=int, default=0, help="N held-out news articles' middles (<= 50)")
     args = parser.parse_args(argv)
     missing = [folder for folder in args.folders if not (Path(folder) / "config.json").is_file()]
@@ -66,10 +119,12 @@ def parse_args(argv=None):
     return args
 
 
-def prompt_sets(news_openings: int, news_middles: int = 0) -> dict[str, tuple[str, ...]]:
-    """{set name: prompts}: the everyday ones (bench_real's four first), then the held-out news openings and middles
-    if asked for."""
+def prompt_sets(news_openings: int, news_middles: int = 0, fresh_everyday: bool = False) -> dict[str, tuple[str, ...]]:
+    """{set name: prompts}: the everyday ones (bench_real's four first), then the fresh everyday ones, the held-out
+    news openings and middles, each if asked for."""
     sets = {"everyday": PROMPTS + MORE_PROMPTS}
+    if fresh_everyday:
+        sets["fresh everyday"] = FRESH_EVERYDAY
     articles = lee_news()["validation"] if news_openings or news_middles else []
     if news_openings:
         sets["news"] = tuple(" ".join(article.split()[:OPENING_WORDS]) for article in articles[:news_openings])
@@ -97,7 +152,8 @@ def measure(folder: str, sets: dict[str, tuple[str, ...]], new_tokens: int, prog
     }
 
 
-SET_LABELS = {"everyday": "everyday", "news": "news openings", "news middles": "news middles"}
+SET_LABELS = {"everyday": "everyday", "fresh everyday": "fresh everyday", "news": "news openings",
+              "news middles": "news middles"}  # fmt: skip
 
 
 def against_reference(samples: list[dict], reference: list[dict]) -> dict:
@@ -110,7 +166,7 @@ def against_reference(samples: list[dict], reference: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    sets = prompt_sets(args.news_openings, args.news_middles)
+    sets = prompt_sets(args.news_openings, args.news_middles, args.fresh_everyday)
     sizes = {name: len(prompts) for name, prompts in sets.items()}
     results = {"machine": machine_info(), "new_tokens": args.new_tokens, "prompts": sizes}
     with tqdm(total=len(args.folders) * sum(sizes.values()), desc="greedy samples") as progress:
