@@ -7,9 +7,10 @@ a lot); sixteen, 64 new tokens each, say more, still about one minute per 135M m
 `--news-openings N` adds the first words of N held-out news articles (the Lee corpus's 50 validation articles, never
 trained or calibrated on) as a second, larger set of prompts in another register. Two more sets check models or
 settings that were chosen on those: `--fresh-everyday` (48 everyday prompts written after the choices) and
-`--news-middles N` (16 words from the sentence start nearest each article's middle). Every model after the first is compared with the first (the reference, usually the original) prompt by prompt:
-how many prompts loop only in it, only in the reference, and the exact McNemar p-value of that difference. Writes
-results.json (with every continuation), results.md and loops.png.
+`--news-middles N` (16 words from the sentence start nearest each article's middle). Every model after the first is
+compared with the first (the reference, usually the original) prompt by prompt: how many prompts loop only in it,
+only in the reference, and the exact McNemar p-value of that difference. Writes results.json (with every
+continuation), results.md and loops.png.
 
     python benchmarks/greedy_loops.py --out runs/greedy_loops runs/s21/broad/converted runs/s21/broad/distill-2/final
 """
@@ -44,8 +45,8 @@ MORE_PROMPTS = (
     "Dear hiring manager, I am writing to apply for",
     "The most popular sports in the world are",
 )
-# Written in session 30, after every factor and setting in the README had been chosen: a check on choices made with
-# the sixteen above, in the register where the original model seldom loops (`--fresh-everyday`).
+# Written after every factor and setting in the README had been chosen: a check on choices made with the sixteen
+# above, in the register where the original model seldom loops (`--fresh-everyday`).
 FRESH_EVERYDAY = (
     "The easiest way to keep houseplants alive is",
     "When I moved to a new city, the hardest part was",
