@@ -114,9 +114,9 @@ def parse_args(argv=None):
         parser.error(f"not saved model folders (no config.json): {', '.join(missing)}")
     if args.new_tokens < 16:
         parser.error(f"--new-tokens must be at least 16 (an 8-token loop test needs room), got {args.new_tokens}")
-    for flag in ("news_openings", "news_middles"):
-        if not 0 <= getattr(args, flag) <= 50:
-            parser.error(f"--{flag.replace('_', '-')} must be 0 to 50 (the held-out articles), got {getattr(args, flag)}")
+    for flag, count in (("--news-openings", args.news_openings), ("--news-middles", args.news_middles)):
+        if not 0 <= count <= 50:
+            parser.error(f"{flag} must be 0 to 50 (the held-out articles), got {count}")
     return args
 
 
