@@ -1,4 +1,5 @@
 import pytest
+from scipy.stats import binomtest  # scipy comes with lm-eval (scikit-learn), a test dependency
 
 from mea_hf.evaluation.paired import discordant_pairs, mcnemar_exact_p
 
@@ -9,6 +10,13 @@ def test_mcnemar_matches_the_binomial_tail():
     assert mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
     assert mcnemar_exact_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
     assert mcnemar_exact_p(2, 10) == mcnemar_exact_p(10, 2)
+
+
+def test_mcnemar_equals_scipys_two_sided_binomial_test():
+    for b in range(13):
+        for c in range(13):
+            if b + c:
+                assert mcnemar_exact_p(b, c) == pytest.approx(binomtest(b, b + c, 0.5).pvalue), (b, c)
 
 
 def test_discordant_pairs_counts_each_side():
