@@ -72,7 +72,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--sharpen", type=float, default=1.0,
         help="multiply the attention logits of the compressed layers by this (1: unchanged; 1.1 took SmolLM2-135M "
-        "banded calib 3 -> 2 from 53 to 36 greedy loops in 98 fresh prompts, the original's 37: README)",
+        "banded calib 3 -> 2 from 53 to 36 greedy loops in 98 fresh prompts, the original's 37: docs/coherence.md)",
     )  # fmt: skip
     parser.add_argument("--calib-block-size", type=int, default=DEFAULT_CALIB_BLOCK_SIZE, help="tokens per block")
     add_folder_output_arguments(parser)

@@ -1,5 +1,5 @@
 """`mea sharpen`: an MEA folder in, the same model with its attention logits multiplied by a factor out, written
-atomically. The last step of compress -> distill -> sharpen (README, "Greedy loops"): distillation undoes `mea
+atomically. The last step of compress -> distill -> sharpen (docs/coherence.md, "Greedy loops"): distillation undoes `mea
 compress --sharpen`, so a distilled folder is sharpened afterwards."""
 
 from ..compress.reduce import parse_layers
@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--factor", type=float, required=True,
         help="multiply the attention logits by this (>1: sharper; 1.1 took the distilled SmolLM2-135M 3 -> 2 from 59 "
-        "to 44 greedy loops in 98 fresh prompts, the original's 37: README)",
+        "to 44 greedy loops in 98 fresh prompts, the original's 37: docs/coherence.md)",
     )  # fmt: skip
     parser.add_argument("--layers", help="layers to sharpen: '4-11', '0,3,5' or a mix; default all")
     add_folder_output_arguments(parser)

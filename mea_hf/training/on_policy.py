@@ -1,7 +1,7 @@
 """On-policy distillation: the student writes the text it is scored on.
 
 Teacher-forced distillation (`distill.py`) scores the student only on the data's text, never on its own
-continuations, and that is where a compressed model's greedy loops start (README, "Calibration text"). On an
+continuations, and that is where a compressed model's greedy loops start (docs/coherence.md). On an
 on-policy micro-batch (a seeded share `on_policy_fraction` of them) the first `on_policy_prompt_tokens` tokens of
 every block stay, the student continues them to the block's length (eval mode, no gradients, its own cache), sampled
 at `on_policy_temperature` (0: greedy), and the loss is the KL to the teacher at the positions that predict the
