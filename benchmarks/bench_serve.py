@@ -22,7 +22,8 @@ h/2 at B), a second table splits that row's speed ratio into what the extra capa
 row's per-token difference at the same schedule (`same_capacity`).
 
     python benchmarks/bench_serve.py --out runs/bench_serve
-    python benchmarks/bench_serve.py --kv-mib 2 4 8 16 64 --repeats 5   # where MEA's saving stops paying
+    python benchmarks/bench_serve.py --requests 384 --kv-mib 3 4 8 16 64 --repeats 3   # the README's table: where
+                                                                   # MEA's saving stops paying (24 min)
     python benchmarks/bench_serve.py --kv-mib 4 8 16 32 --rows llama_per_sequence mea_half --repeats 3
 """
 
