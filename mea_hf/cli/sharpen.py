@@ -1,6 +1,6 @@
 """`mea sharpen`: an MEA folder in, the same model with its attention logits multiplied by a factor out, written
-atomically. The last step of compress -> distill -> sharpen (docs/coherence.md, "Greedy loops"): distillation undoes `mea
-compress --sharpen`, so a distilled folder is sharpened afterwards."""
+atomically. The last step of compress -> distill -> sharpen (docs/coherence.md, "Greedy loops"): distillation undoes
+`mea compress --sharpen`, so a distilled folder is sharpened afterwards."""
 
 from ..compress.reduce import parse_layers
 from ..compress.temperature import check_sharpen, describe_sharpening, sharpen_layers
