@@ -41,6 +41,7 @@ from .models import load_initial_model, load_tokenizer
 from .on_policy import is_on_policy, sample_seed, student_continuations
 from .optim import optimizer_and_scheduler
 from .settings import TrainSettings
+from .unlikelihood import unlikelihood_loss
 
 
 @dataclasses.dataclass
@@ -225,8 +226,9 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, float | None, float | No
 
 def _loss(run: _Run, input_ids: torch.Tensor, on_policy_from: int | None = None) -> torch.Tensor:
     """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py). On an on-policy
-    micro-batch (the student wrote the tokens that positions `on_policy_from` on predict) only the KL there: an LM
-    loss would train the student on its own samples."""
+    micro-batch (the student wrote the tokens that positions `on_policy_from` on predict) only the KL there, plus
+    `unlikelihood_weight` times the unlikelihood of the student's repeats (unlikelihood.py): an LM loss would train
+    the student on its own samples."""
     s = run.settings
     if run.teacher is None:
         return run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -239,7 +241,10 @@ def _loss(run: _Run, input_ids: torch.Tensor, on_policy_from: int | None = None)
         output.logits[:, first:], teacher_logits[:, first:], s.distill_temperature, s.distill_divergence
     )
     if on_policy_from is not None:
-        return kl
+        if not s.unlikelihood_weight:
+            return kl
+        repeats = unlikelihood_loss(output.logits, input_ids, s.unlikelihood_ngram, on_policy_from + 1)
+        return kl + s.unlikelihood_weight * repeats
     loss = s.distill_alpha * kl
     return loss + (1 - s.distill_alpha) * output.loss if lm else loss
 
@@ -368,7 +373,9 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         )
         + (
             f" On-policy: {s.on_policy_fraction:g} of the micro-batches were the student's own continuations of their "
-            f"first {s.on_policy_prompt_tokens} tokens (temperature {s.on_policy_temperature:g}), scored by KL alone."
+            f"first {s.on_policy_prompt_tokens} tokens (temperature {s.on_policy_temperature:g}), scored by KL"
+            + (f" + {s.unlikelihood_weight:g} x the unlikelihood of their repeated {s.unlikelihood_ngram}-grams."
+               if s.unlikelihood_weight else " alone.")
             if s.on_policy_fraction  # settings allow it only with a teacher
             else ""
         )

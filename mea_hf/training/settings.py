@@ -60,6 +60,8 @@ class TrainSettings:
     on_policy_fraction: float = 0.0  # with `teacher`: share of micro-batches the student writes itself (on_policy.py)
     on_policy_prompt_tokens: int = 32  # tokens of each block kept as the prompt of an on-policy micro-batch
     on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations; 0: greedy
+    unlikelihood_weight: float = 0.0  # on on-policy micro-batches: + weight x unlikelihood of repeats (unlikelihood.py)
+    unlikelihood_ngram: int = 4  # n of the repeated n-grams that the unlikelihood term charges
 
     @classmethod
     def from_dict(cls, settings: "dict | TrainSettings") -> "TrainSettings":
@@ -115,6 +117,13 @@ class TrainSettings:
         if self.on_policy_temperature < 0:
             raise ValueError(f"setting `on_policy_temperature` must be >= 0 (0: greedy), got "
                              f"{self.on_policy_temperature}.")  # fmt: skip
+        if self.unlikelihood_weight < 0:
+            raise ValueError(f"setting `unlikelihood_weight` must be >= 0, got {self.unlikelihood_weight}.")
+        if self.unlikelihood_weight and not self.on_policy_fraction:
+            raise ValueError("setting `unlikelihood_weight` charges the student's own repeats: it needs "
+                             "`on_policy_fraction` > 0.")  # fmt: skip
+        if self.unlikelihood_ngram < 1:
+            raise ValueError(f"setting `unlikelihood_ngram` must be >= 1, got {self.unlikelihood_ngram}.")
         if self.teacher is None:
             if (
                 self.distill_alpha != 1

@@ -157,6 +157,9 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
         ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 32}, "on_policy_prompt_tokens"),
         ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 0}, "on_policy_prompt_tokens"),
         ({"on_policy_temperature": -1.0}, "on_policy_temperature"),
+        ({"unlikelihood_weight": 1.0}, "needs `on_policy_fraction`"),
+        ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 8, "unlikelihood_weight": -1.0}, "unlikelihood_weight"),
+        ({"unlikelihood_ngram": 0}, "unlikelihood_ngram"),
         ({"init_from": None, "model": "tiny-mea"}, "needs `init_from`"),
         ({"tokenizer": str(folders / "student")}, "`tokenizer`"),
     ]
