@@ -13,7 +13,8 @@ Steps (each a real `mea_hf` call):
    the least sensitive layers for a budget halfway between h'/3 and 1 (`mea_hf.compress.sensitivity`, measured on
    calibration blocks); recovery of the all-layer banded calib model by distillation from the converted model
    (`mea train --teacher`, all parameters, `--distill-tokens`; `--distill-on-policy` lets the student write part of
-   its training text, `mea_hf.training.on_policy`; `--distill-divergence reverse` the mode-seeking KL);
+   its training text, `mea_hf.training.on_policy`, and `--distill-unlikelihood` charges its repeats there,
+   `mea_hf.training.unlikelihood`; `--distill-divergence reverse` the mode-seeking KL);
 4. bits-per-byte of the original (transformers' Llama from the GGUF), the converted model and every variant, greedy
    samples of four prompts with their share of repeated token 4-grams (`mea_hf.evaluation.repetition`), written as
    results.json (with the machine: CPU, vector flags, load; `mea_hf.utils.machine`), bpb.png and results.md.
@@ -105,6 +106,8 @@ def parse_args(argv=None):
                         help="share of distillation micro-batches the student continues itself (on-policy)")  # fmt: skip
     parser.add_argument("--distill-on-policy-temperature", type=float, default=0.0,
                         help="sampling temperature of those continuations (0: greedy, the decoding the samples use)")  # fmt: skip
+    parser.add_argument("--distill-unlikelihood", type=float, default=0.0, metavar="WEIGHT",
+                        help="with --distill-on-policy: weight of the unlikelihood of the student's repeated 4-grams")  # fmt: skip
     parser.add_argument("--distill-divergence", choices=DIVERGENCES, default="forward",
                         help="KL(teacher || student) or the mode-seeking KL(student || teacher)")  # fmt: skip
     parser.add_argument(
@@ -232,6 +235,7 @@ def distill(args, student: Path, teacher: Path, data: Path, out: Path) -> dict:
         "eval_every": 10**9, "eval_blocks": 4, "save_every": 0, "out": str(out), "progress": True,
         "cache_dir": str(out.parent / "cache"), "on_policy_fraction": args.distill_on_policy,
         "on_policy_temperature": args.distill_on_policy_temperature, "distill_divergence": args.distill_divergence,
+        "unlikelihood_weight": args.distill_unlikelihood,
     })  # fmt: skip
 
 
@@ -325,6 +329,7 @@ def main(argv=None) -> int:
             recovered, _ = load_folder(summary["final_dir"], "float32")
             how = [f"on-policy {args.distill_on_policy:g}"] if args.distill_on_policy else []
             how += [f"{args.distill_divergence} KL"] if args.distill_divergence != "forward" else []
+            how += [f"unlikelihood {args.distill_unlikelihood:g}"] if args.distill_unlikelihood else []
             variant = f" ({', '.join(how)})" if how else ""
             record(f"calib banded 3->{heads} + distill{variant}", recovered, time.perf_counter() - started,
                    tokens=summary["tokens_seen"], metrics=str(Path(summary["out_dir"]) / "metrics.jsonl"))  # fmt: skip
