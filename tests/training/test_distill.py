@@ -17,6 +17,7 @@ from mea_hf.training.checkpoints import checkpoint_dirs, loss_curves, read_metri
 from mea_hf.training.distill import distillation_loss, mean_kl
 from mea_hf.training.loop import _ended_no_lower, train
 from mea_hf.training.settings import TrainSettings
+from mea_hf.training.unlikelihood import repeated_ngram_mask, unlikelihood_loss
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,43 @@ def test_on_policy_share_and_samples_are_seeded_and_resume_exactly(folders, tmp_
     assert [info["step"] for info in resumed_batches] == [2, 2]
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed_batches, batches[4:], strict=True))
     assert read_metrics(resumed["out_dir"]) == records
+
+
+_GREEDY_ON_POLICY = {"max_steps": 2, "eval_every": 2, "eval_blocks": 2, "on_policy_fraction": 1.0,
+                     "on_policy_prompt_tokens": 8, "on_policy_temperature": 0.0}  # fmt: skip
+
+
+def test_on_policy_loss_adds_the_weighted_unlikelihood_of_the_students_repeats(folders, tmp_path):
+    seen = []
+    summary = train(_settings(folders, tmp_path, **_GREEDY_ON_POLICY, unlikelihood_weight=0.5, unlikelihood_ngram=2),
+                    on_event=lambda event, **info: seen.append(info) if event == "batch" else None)  # fmt: skip
+    student = AutoModelForCausalLM.from_pretrained(folders / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(folders / "teacher").eval()
+    first = seen[0]["input_ids"]
+    with torch.no_grad():
+        logits = student(first).logits
+        kl = distillation_loss(logits[:, 7:], teacher(first).logits[:, 7:]).item()
+        repeats = unlikelihood_loss(logits, first, 2, 8).item()
+    assert repeated_ngram_mask(first, 2, 8).any() and repeats > 0  # the tiny student's greedy text repeats
+    records = [record for record in read_metrics(summary["out_dir"]) if "loss" in record]
+    assert records[0]["loss"] == pytest.approx(kl + 0.5 * repeats, rel=1e-5)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "+ 0.5 x the unlikelihood of their repeated 2-grams" in card
+
+
+def test_unlikelihood_training_makes_the_students_repeats_less_likely(folders, tmp_path):
+    """Weighted heavily, a few steps lower the unlikelihood term of the student's first greedy micro-batch: the
+    repeated tokens it wrote got less likely (a KL-only run of the same steps is the control)."""
+    seen = []
+    on_batch = lambda event, **info: seen.append(info["input_ids"]) if event == "batch" else None
+    terms = {}
+    for weight in (0.0, 20.0):
+        seen.clear()
+        out = tmp_path / f"w{weight:g}"
+        settings = {**_GREEDY_ON_POLICY, "max_steps": 4, "out": str(out)}
+        train(_settings(folders, tmp_path, **settings, unlikelihood_weight=weight, unlikelihood_ngram=2),
+              on_event=on_batch)  # fmt: skip
+        trained = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+        with torch.no_grad():
+            terms[weight] = unlikelihood_loss(trained(seen[0]).logits, seen[0], 2, 8).item()
+    assert terms[20.0] < 0.5 * terms[0.0]
