@@ -8,16 +8,22 @@ samples too."""
 from collections.abc import Sequence
 
 
-def repeated_ngram_fraction(tokens: Sequence[int], n: int = 4) -> float:
-    """The fraction of the `n`-grams of `tokens` that already occurred earlier in `tokens` (0.0 when there are none)."""
+def repeated_ngram_starts(tokens: Sequence[int], n: int = 4) -> list[bool]:
+    """For each start position of an `n`-gram of `tokens`, in order: did that n-gram already occur earlier?"""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
-    seen, repeated = set(), 0
-    grams = [tuple(tokens[start : start + n]) for start in range(len(tokens) - n + 1)]
-    for gram in grams:
-        repeated += gram in seen
+    seen, repeated = set(), []
+    for start in range(len(tokens) - n + 1):
+        gram = tuple(tokens[start : start + n])
+        repeated.append(gram in seen)
         seen.add(gram)
-    return repeated / len(grams) if grams else 0.0
+    return repeated
+
+
+def repeated_ngram_fraction(tokens: Sequence[int], n: int = 4) -> float:
+    """The fraction of the `n`-grams of `tokens` that already occurred earlier in `tokens` (0.0 when there are none)."""
+    repeated = repeated_ngram_starts(tokens, n)
+    return sum(repeated) / len(repeated) if repeated else 0.0
 
 
 def ends_in_loop(tokens: Sequence[int], n: int = 8) -> bool:

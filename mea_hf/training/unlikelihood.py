@@ -11,6 +11,8 @@ wrote (so the term shrinks as the loops go).
 
 import torch
 
+from ..evaluation.repetition import repeated_ngram_starts
+
 # 1 - p is clamped at this, so a token the student is certain of costs a bounded -log(1e-5) = 11.5 nats.
 _MIN_COMPLEMENT = 1e-5
 
@@ -20,12 +22,9 @@ def repeated_ngram_mask(tokens: torch.Tensor, ngram: int, start: int) -> torch.T
     n-gram there (the later occurrence only, overlapping occurrences included)."""
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, sequence in enumerate(tokens[:, start:].tolist()):
-        seen = set()
-        for first in range(len(sequence) - ngram + 1):
-            gram = tuple(sequence[first : first + ngram])
-            if gram in seen:
+        for first, repeated in enumerate(repeated_ngram_starts(sequence, ngram)):
+            if repeated:
                 mask[row, start + first : start + first + ngram] = True
-            seen.add(gram)
     return mask.to(tokens.device)
 
 
