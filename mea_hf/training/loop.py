@@ -303,13 +303,17 @@ def _final_model(run: _Run):
 
 def _ended_no_lower(s, state: dict, val_loss: float) -> bool:
     """Whether what training lowers ended non-finite or no lower than it started, on the validation blocks: the LM
-    loss, or with a teacher the training loss's mix of KL and LM loss (`distill_alpha`) when both ends have a KL."""
+    loss, or with a teacher the training loss's mix of KL and LM loss (`distill_alpha`) when both ends have a KL.
+    An unlikelihood term trades some KL for fewer repeats and has no validation counterpart, so with one only a
+    non-finite end counts."""
     start, end = state["initial_val_loss"], val_loss
     if state["initial_val_kl"] is not None and state["val_kl"] is not None:  # None at the start: an older checkpoint
         alpha = s.distill_alpha
         start = alpha * state["initial_val_kl"] + (1 - alpha) * start
         end = alpha * state["val_kl"] + (1 - alpha) * end
-    return not (math.isfinite(val_loss) and math.isfinite(end)) or end >= start
+    if not (math.isfinite(val_loss) and math.isfinite(end)):
+        return True
+    return end >= start and not s.unlikelihood_weight
 
 
 def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:

@@ -106,19 +106,22 @@ def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, to
 
 
 @pytest.mark.parametrize(
-    ("alpha", "start", "end", "diverged"),
+    ("alpha", "start", "end", "diverged", "unlikelihood"),
     [
-        (1.0, (2.0, 0.5), (2.5, 0.4), False),  # pure KL: the LM loss may rise while the KL falls
-        (1.0, (2.0, 0.5), (1.5, 0.6), True),
-        (0.5, (2.0, 0.5), (2.5, 0.4), True),  # half and half: 1.25 -> 1.45
-        (0.5, (2.0, 0.5), (1.5, 0.6), False),  # 1.25 -> 1.05
-        (1.0, (2.0, None), (2.5, 0.4), True),  # a checkpoint from before val_kl was kept: the LM loss decides
-        (1.0, (2.0, 0.5), (float("nan"), 0.4), True),  # a broken model diverged, whatever its KL
-        (0.5, (2.0, 0.5), (float("inf"), 0.4), True),
+        (1.0, (2.0, 0.5), (2.5, 0.4), False, 0.0),  # pure KL: the LM loss may rise while the KL falls
+        (1.0, (2.0, 0.5), (1.5, 0.6), True, 0.0),
+        (0.5, (2.0, 0.5), (2.5, 0.4), True, 0.0),  # half and half: 1.25 -> 1.45
+        (0.5, (2.0, 0.5), (1.5, 0.6), False, 0.0),  # 1.25 -> 1.05
+        (1.0, (2.0, None), (2.5, 0.4), True, 0.0),  # a checkpoint from before val_kl was kept: the LM loss decides
+        (1.0, (2.0, 0.5), (float("nan"), 0.4), True, 0.0),  # a broken model diverged, whatever its KL
+        (0.5, (2.0, 0.5), (float("inf"), 0.4), True, 0.0),
+        (1.0, (2.0, 0.103), (1.9, 0.121), False, 0.3),  # unlikelihood may buy fewer repeats with a little KL
+        (1.0, (2.0, 0.5), (float("nan"), 0.4), True, 0.3),  # but a broken model still diverged
+        (1.0, (2.0, 0.5), (1.9, float("inf")), True, 0.3),
     ],
 )
-def test_divergence_is_judged_on_what_training_lowers(alpha, start, end, diverged):
-    settings = SimpleNamespace(distill_alpha=alpha)
+def test_divergence_is_judged_on_what_training_lowers(alpha, start, end, diverged, unlikelihood):
+    settings = SimpleNamespace(distill_alpha=alpha, unlikelihood_weight=unlikelihood)
     state = {"initial_val_loss": start[0], "initial_val_kl": start[1], "val_kl": end[1]}
     assert _ended_no_lower(settings, state, end[0]) is diverged
 
