@@ -81,10 +81,11 @@ class MetricsLog:
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list, list]]:
     """(steps, values) per curve of a run's metrics: the training loss (the distillation loss with a teacher), the
-    validation LM loss and, when distilling, the validation KL to the teacher and the KL of the on-policy
+    validation LM loss and, when distilling, the validation KL to the teacher (and of its attention maps) and the KL of the on-policy
     micro-batches (steps that had any); non-finite values become gaps."""
     curves = {}
     for name, key in (("train", "loss"), ("validation", "val_loss"), ("validation KL to teacher", "val_kl"),
+                      ("validation attention KL", "val_attention_kl"),
                       ("on-policy KL (student's text)", "on_policy_loss")):  # fmt: skip
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:

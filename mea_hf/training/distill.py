@@ -7,6 +7,10 @@ every block (the T^2 keeps gradient sizes comparable across temperatures, as in 
 is "forward", KL(teacher || student), which spreads the student's mass over everything the teacher finds likely, or
 "reverse", KL(student || teacher), which charges the student most for mass on tokens the teacher finds unlikely
 (mode-seeking; Gu et al. 2024, "MiniLLM", and Agarwal et al. 2024 pair it with on-policy samples).
+
+`attention_kl` adds the attention maps themselves (Wang et al. 2020, "MiniLM"): KL(teacher || student) between the
+attention probabilities of every layer and query head. A compressed layer's keys cannot always tell which earlier
+token the original attended to, and matching only the output lets the student attend more softly instead.
 """
 
 from pathlib import Path
@@ -61,23 +65,49 @@ def distillation_loss(
     return _KLFromLogits.apply(student, teacher, divergence == "reverse") * temperature**2
 
 
+def attention_kl(student_attentions, teacher_attentions, first: int = 0) -> torch.Tensor:
+    """Mean over layers, batch, heads and the query positions from `first` on of KL(teacher || student) between the
+    attention probabilities (`output_attentions=True` of an eager forward: one (batch, heads, queries, keys) tensor
+    per layer). Masked keys have probability 0 in both and add nothing."""
+    if len(student_attentions) != len(teacher_attentions):
+        raise ValueError(f"attention KL: the student has {len(student_attentions)} layers, the teacher "
+                         f"{len(teacher_attentions)}.")  # fmt: skip
+    total = 0.0
+    for student, teacher in zip(student_attentions, teacher_attentions):
+        student, teacher = student[:, :, first:].float(), teacher[:, :, first:].detach().float()
+        tiny = torch.finfo(student.dtype).tiny
+        total = total + (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(tiny).log()).sum(-1).mean()
+    return total / len(student_attentions)
+
+
 @torch.no_grad()
-def mean_kl(
-    student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8, divergence: str = "forward"
-) -> float:
-    """Mean per-token distillation loss of `student` against `teacher` on token `blocks` (eval mode, no gradients)."""
+def _mean_per_token(student, teacher, blocks: torch.Tensor, batch_size: int, score, **forward) -> float:
+    """Mean over the tokens of `blocks` of `score(student output, teacher output)` (eval mode, no gradients)."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].long().to(device)
-        student_logits = student(input_ids=batch, use_cache=False).logits
-        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-        total += distillation_loss(student_logits, teacher_logits, temperature, divergence).item() * batch.numel()
+        outputs = (model(input_ids=batch, use_cache=False, **forward) for model in (student, teacher))
+        total += score(*outputs).item() * batch.numel()
         tokens += batch.numel()
     student.train(was_training)
     return total / tokens
+
+
+def mean_kl(
+    student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8, divergence: str = "forward"
+) -> float:
+    """Mean per-token distillation loss of `student` against `teacher` on token `blocks`."""
+    return _mean_per_token(student, teacher, blocks, batch_size,
+                           lambda s, t: distillation_loss(s.logits, t.logits, temperature, divergence))  # fmt: skip
+
+
+def mean_attention_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """`attention_kl` of `student` against `teacher` on token `blocks`, averaged over them (both eager)."""
+    return _mean_per_token(student, teacher, blocks, batch_size,
+                           lambda s, t: attention_kl(s.attentions, t.attentions), output_attentions=True)  # fmt: skip
 
 
 def load_teacher(folder: str, student, tokenizer, device):

@@ -36,7 +36,14 @@ from .checkpoints import (
     remove_interrupted_saves,
     save_checkpoint,
 )
-from .distill import apply_train_only, distillation_loss, load_teacher, mean_kl
+from .distill import (
+    apply_train_only,
+    attention_kl,
+    distillation_loss,
+    load_teacher,
+    mean_attention_kl,
+    mean_kl,
+)
 from .models import load_initial_model, load_tokenizer
 from .on_policy import is_on_policy, sample_seed, student_continuations
 from .optim import optimizer_and_scheduler
@@ -64,7 +71,8 @@ class _Run:
 
     def evaluate(self) -> float:
         """Validation loss now (inf if it overflows); logged, and tracked as the best so far. With a teacher the
-        validation KL to it is logged too (`val_kl`) and kept as the latest in the state."""
+        validation KL to it is logged too (`val_kl`; with `attention_kl_weight`, `val_attention_kl` as well) and
+        kept as the latest in the state."""
         from ..evaluation.loss import mean_token_loss
 
         batch_size = self.settings.batch_size
@@ -78,7 +86,9 @@ class _Run:
             s = self.settings
             extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, s.distill_temperature, batch_size,
                                       s.distill_divergence)  # fmt: skip
-            self.state["val_kl"] = extra["val_kl"]
+            if s.attention_kl_weight:
+                extra["val_attention_kl"] = mean_attention_kl(self.model, self.teacher, self.val_blocks, batch_size)
+            self.state.update(extra)
         self.log.write(step=self.state["step"], val_loss=val_loss, **extra)
         return val_loss
 
@@ -163,6 +173,8 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     model = load_initial_model(s, tokenizer)
     apply_train_only(model, s.train_only)
     teacher = None if s.teacher is None else load_teacher(s.teacher, model, tokenizer, accelerator.device)
+    if s.attention_kl_weight:
+        _attend_eagerly(model, teacher)
     if s.on_policy_fraction and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError("setting `on_policy_fraction`: the student generates its continuations unsharded; on-policy "
                          "distillation runs on one process or under DDP, not FSDP or DeepSpeed.")  # fmt: skip
@@ -173,12 +185,25 @@ def _setup(s: TrainSettings, on_event: Callable | None) -> _Run:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     state = {"step": 0, "tokens_seen": 0, "initial_val_loss": None, "best_val_loss": float("inf"),
-             "initial_val_kl": None, "val_kl": None, "train_seconds": 0.0, "num_processes": world}  # fmt: skip
+             "initial_val_kl": None, "val_kl": None, "initial_val_attention_kl": None, "val_attention_kl": None,
+             "train_seconds": 0.0, "num_processes": world}  # fmt: skip
     if checkpoint is not None:
         state.update(load_checkpoint(accelerator, checkpoint, world))
     log = MetricsLog(out, accelerator.is_main_process, state["step"] if checkpoint is not None else None)
     return _Run(s, out, accelerator, emit, tokenizer, model, optimizer, scheduler, loader, val_blocks, state, log,
                 teacher)  # fmt: skip
+
+
+def _attend_eagerly(student, teacher) -> None:
+    """Switch both models to eager attention, the one that returns attention maps, after checking that the maps
+    pair up: the same number of layers and of query heads."""
+    shapes = [(m.config.num_hidden_layers, m.config.num_attention_heads) for m in (student, teacher)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"setting `attention_kl_weight`: the student has {shapes[0][0]} layers of {shapes[0][1]} "
+                         f"query heads, the teacher {shapes[1][0]} of {shapes[1][1]}; their attention maps must "
+                         "pair up.")  # fmt: skip
+    for model in (student, teacher):
+        model.set_attn_implementation("eager")
 
 
 def _micro_batches(accelerator, loader, start: int):
@@ -225,21 +250,24 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, float | None, float | No
 
 
 def _loss(run: _Run, input_ids: torch.Tensor, on_policy_from: int | None = None) -> torch.Tensor:
-    """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py). On an on-policy
-    micro-batch (the student wrote the tokens that positions `on_policy_from` on predict) only the KL there, plus
-    `unlikelihood_weight` times the unlikelihood of the student's repeats (unlikelihood.py): an LM loss would train
-    the student on its own samples."""
+    """The LM loss, or with a teacher `alpha * KL + (1 - alpha) * LM loss` (docs: training/distill.py), where KL is
+    the logits' plus `attention_kl_weight` times the attention maps'. On an on-policy micro-batch (the student wrote
+    the tokens that positions `on_policy_from` on predict) only the KL there, plus `unlikelihood_weight` times the
+    unlikelihood of the student's repeats (unlikelihood.py): an LM loss would train the student on its own samples."""
     s = run.settings
     if run.teacher is None:
         return run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     lm = s.distill_alpha < 1 and on_policy_from is None
-    output = run.model(input_ids=input_ids, labels=input_ids if lm else None, use_cache=False)
+    maps = bool(s.attention_kl_weight)
+    output = run.model(input_ids=input_ids, labels=input_ids if lm else None, use_cache=False, output_attentions=maps)
     with torch.no_grad(), run.accelerator.autocast():  # the teacher in the student's precision (bf16 if asked)
-        teacher_logits = run.teacher(input_ids=input_ids, use_cache=False).logits
+        teacher_output = run.teacher(input_ids=input_ids, use_cache=False, output_attentions=maps)
     first = on_policy_from or 0
     kl = distillation_loss(
-        output.logits[:, first:], teacher_logits[:, first:], s.distill_temperature, s.distill_divergence
+        output.logits[:, first:], teacher_output.logits[:, first:], s.distill_temperature, s.distill_divergence
     )
+    if maps:
+        kl = kl + s.attention_kl_weight * attention_kl(output.attentions, teacher_output.attentions, first)
     if on_policy_from is not None:
         if not s.unlikelihood_weight:
             return kl
@@ -257,6 +285,7 @@ def _loop(run: _Run) -> tuple[float | None, bool]:
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = run.evaluate()
         state["initial_val_kl"] = state["val_kl"]
+        state["initial_val_attention_kl"] = state["val_attention_kl"]
     tokens_per_step = s.block_size * s.batch_size * s.grad_accum * run.accelerator.num_processes
     batches = _micro_batches(run.accelerator, run.loader, state["step"] * s.grad_accum)
     show = run.accelerator.is_main_process and s.progress
@@ -303,14 +332,19 @@ def _final_model(run: _Run):
 
 def _ended_no_lower(s, state: dict, val_loss: float) -> bool:
     """Whether what training lowers ended non-finite or no lower than it started, on the validation blocks: the LM
-    loss, or with a teacher the training loss's mix of KL and LM loss (`distill_alpha`) when both ends have a KL.
+    loss, or with a teacher the training loss's mix of KL (the logits' plus the weighted attention maps') and LM loss
+    (`distill_alpha`) when both ends have a KL.
     An unlikelihood term trades some KL for fewer repeats and has no validation counterpart, so with one only a
     non-finite end counts."""
     start, end = state["initial_val_loss"], val_loss
     if state["initial_val_kl"] is not None and state["val_kl"] is not None:  # None at the start: an older checkpoint
-        alpha = s.distill_alpha
-        start = alpha * state["initial_val_kl"] + (1 - alpha) * start
-        end = alpha * state["val_kl"] + (1 - alpha) * end
+        alpha, maps = s.distill_alpha, s.attention_kl_weight
+        start_kl, end_kl = state["initial_val_kl"], state["val_kl"]
+        if maps and state.get("initial_val_attention_kl") is not None:
+            start_kl += maps * state["initial_val_attention_kl"]
+            end_kl += maps * state["val_attention_kl"]
+        start = alpha * start_kl + (1 - alpha) * start
+        end = alpha * end_kl + (1 - alpha) * end
     if not (math.isfinite(val_loss) and math.isfinite(end)):
         return True
     return end >= start and not s.unlikelihood_weight
@@ -331,6 +365,8 @@ def _finish(run: _Run, val_loss: float | None, diverged: bool) -> dict:
         "initial_val_loss": state["initial_val_loss"],
         "initial_val_kl": state["initial_val_kl"],
         "final_val_kl": state["val_kl"],
+        "initial_val_attention_kl": state["initial_val_attention_kl"],
+        "final_val_attention_kl": state["val_attention_kl"],
         "diverged": diverged,
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
@@ -371,7 +407,8 @@ def _how_made(s: TrainSettings, tokens_seen: int, num_processes: int) -> str:
         + (
             f" Distilled from `{public_name(s.teacher)}` (loss {s.distill_alpha:g} x {s.distill_divergence} KL at temperature "
             f"{s.distill_temperature:g}"
-            f" + {1 - s.distill_alpha:g} x LM loss)."
+            + (f" + {s.attention_kl_weight:g} x KL of the attention maps" if s.attention_kl_weight else "")
+            + f" + {1 - s.distill_alpha:g} x LM loss)."
             if s.teacher
             else ""
         )

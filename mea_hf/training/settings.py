@@ -56,6 +56,7 @@ class TrainSettings:
     distill_alpha: float = 1.0  # with `teacher`: loss = alpha * KL + (1 - alpha) * LM loss
     distill_temperature: float = 1.0  # with `teacher`: softmax temperature of both distributions
     distill_divergence: str = "forward"  # with `teacher`: "forward" or "reverse" KL (training/distill.py)
+    attention_kl_weight: float = 0.0  # with `teacher`: + weight x KL of its attention maps (distill.py; eager attention)
     train_only: str = "all"  # "all" or "attention" (freeze embeddings, MLPs, norms and the LM head)
     on_policy_fraction: float = 0.0  # with `teacher`: share of micro-batches the student writes itself (on_policy.py)
     on_policy_prompt_tokens: int = 32  # tokens of each block kept as the prompt of an on-policy micro-batch
@@ -117,6 +118,8 @@ class TrainSettings:
         if self.on_policy_temperature < 0:
             raise ValueError(f"setting `on_policy_temperature` must be >= 0 (0: greedy), got "
                              f"{self.on_policy_temperature}.")  # fmt: skip
+        if self.attention_kl_weight < 0:
+            raise ValueError(f"setting `attention_kl_weight` must be >= 0, got {self.attention_kl_weight}.")
         if self.unlikelihood_weight < 0:
             raise ValueError(f"setting `unlikelihood_weight` must be >= 0, got {self.unlikelihood_weight}.")
         if self.unlikelihood_weight and not self.on_policy_fraction:
@@ -129,10 +132,11 @@ class TrainSettings:
                 self.distill_alpha != 1
                 or self.distill_temperature != 1
                 or self.distill_divergence != "forward"
+                or self.attention_kl_weight
                 or self.on_policy_fraction
             ):
-                raise ValueError("settings `distill_alpha`, `distill_temperature`, `distill_divergence` and "
-                                 "`on_policy_fraction` need a `teacher` folder.")  # fmt: skip
+                raise ValueError("settings `distill_alpha`, `distill_temperature`, `distill_divergence`, "
+                                 "`attention_kl_weight` and `on_policy_fraction` need a `teacher` folder.")  # fmt: skip
             return
         if not self.init_from:
             raise ValueError("setting `teacher` needs `init_from` (the student folder, with the teacher's tokenizer); "

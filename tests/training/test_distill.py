@@ -14,7 +14,7 @@ from mea_hf.cli import main as cli_main
 from mea_hf.data.loading import cached_blocks
 from mea_hf.hub import save_folder
 from mea_hf.training.checkpoints import checkpoint_dirs, loss_curves, read_metrics
-from mea_hf.training.distill import distillation_loss, mean_kl
+from mea_hf.training.distill import attention_kl, distillation_loss, mean_attention_kl, mean_kl
 from mea_hf.training.loop import _ended_no_lower, train
 from mea_hf.training.settings import TrainSettings
 from mea_hf.training.unlikelihood import repeated_ngram_mask, unlikelihood_loss
@@ -121,9 +121,74 @@ def test_distilling_a_perturbed_student_lowers_held_out_kl(folders, tmp_path, to
     ],
 )
 def test_divergence_is_judged_on_what_training_lowers(alpha, start, end, diverged, unlikelihood):
-    settings = SimpleNamespace(distill_alpha=alpha, unlikelihood_weight=unlikelihood)
+    settings = SimpleNamespace(distill_alpha=alpha, unlikelihood_weight=unlikelihood, attention_kl_weight=0.0)
     state = {"initial_val_loss": start[0], "initial_val_kl": start[1], "val_kl": end[1]}
     assert _ended_no_lower(settings, state, end[0]) is diverged
+
+
+@pytest.mark.parametrize(("weight", "diverged"), [(0.0, True), (1.0, False)])
+def test_divergence_counts_the_attention_maps_kl_at_its_weight(weight, diverged):
+    """The logits' KL rose 0.50 -> 0.55 while the maps' fell 0.20 -> 0.10: at weight 1 the loss fell 0.70 -> 0.65."""
+    settings = SimpleNamespace(distill_alpha=1.0, unlikelihood_weight=0.0, attention_kl_weight=weight)
+    state = {"initial_val_loss": 2.0, "initial_val_kl": 0.5, "val_kl": 0.55, "initial_val_attention_kl": 0.2,
+             "val_attention_kl": 0.1}  # fmt: skip
+    assert _ended_no_lower(settings, state, 2.0) is diverged
+
+
+def test_attention_kl_matches_the_textbook_sum_over_causal_maps():
+    """Two stacks of causal attention maps (masked keys have probability 0): the mean over layers, batch, heads and
+    query rows of sum_k p log(p / q), computed element by element; zero against itself; finite gradients although the
+    student has zeros; rows before `first` left out."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.full((6, 6), float("-inf")).triu(1)
+
+    def maps():
+        return [(torch.randn(2, 3, 6, 6, generator=generator) + mask).softmax(-1) for _ in range(2)]
+
+    teacher, student = maps(), [m.requires_grad_() for m in maps()]
+    for first in (0, 2):
+        reference = sum(float(t[b, h, i, k] * (t[b, h, i, k] / s[b, h, i, k].detach()).log())
+                        for t, s in zip(teacher, student) for b in range(2) for h in range(3) for i in range(first, 6)
+                        for k in range(i + 1)) / (2 * 2 * 3 * (6 - first))  # fmt: skip
+        assert attention_kl(student, teacher, first).item() == pytest.approx(reference, rel=1e-5)
+    assert attention_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    attention_kl(student, teacher).backward()
+    assert all(torch.isfinite(m.grad).all() and m.grad.abs().sum() > 0 for m in student)
+    with pytest.raises(ValueError, match="the student has 2 layers, the teacher 1"):
+        attention_kl(student, teacher[:1])
+
+
+def test_attention_kl_distillation_matches_the_maps_more_closely(folders, tmp_path, tokenizer):
+    """`attention_kl_weight` 1: the first step's loss is the logits' KL plus the maps' KL of eager forwards, computed
+    by hand; the held-out maps' KL falls further than logit-only distillation takes it; validation logs it; the saved
+    model keeps the default attention kernel."""
+    seen = []
+    summary = train(_settings(folders, tmp_path, attention_kl_weight=1.0),
+                    on_event=lambda event, **info: seen.append(info["input_ids"]) if event == "batch" else None)  # fmt: skip
+    student, teacher = (AutoModelForCausalLM.from_pretrained(folders / name, attn_implementation="eager").eval()
+                        for name in ("student", "teacher"))  # fmt: skip
+    with torch.no_grad():
+        s, t = (model(seen[0], output_attentions=True) for model in (student, teacher))
+        expected = distillation_loss(s.logits, t.logits).item() + attention_kl(s.attentions, t.attentions).item()
+    records = read_metrics(summary["out_dir"])
+    assert next(r["loss"] for r in records if "loss" in r) == pytest.approx(expected, rel=1e-5)
+    val_blocks = cached_blocks(tokenizer, "builtin", "validation", 32)[:4]
+    initial = mean_attention_kl(student, teacher, val_blocks)
+    maps_kls = [r["val_attention_kl"] for r in records if "val_attention_kl" in r]
+    assert maps_kls[0] == pytest.approx(initial, rel=1e-5) == summary["initial_val_attention_kl"]
+    assert summary["final_val_attention_kl"] == maps_kls[-1] and not summary["diverged"]
+    assert "validation attention KL" in loss_curves(records)
+
+    logits_only = train(_settings(folders, tmp_path, out=str(tmp_path / "logits-only")))
+    held_out = cached_blocks(tokenizer, "builtin", "validation", 32)[4:12]
+    final_maps_kl = {}
+    for name, run in (("maps", summary), ("logits only", logits_only)):
+        final = AutoModelForCausalLM.from_pretrained(run["final_dir"])
+        assert final.config._attn_implementation == "sdpa"
+        final.set_attn_implementation("eager")
+        final_maps_kl[name] = mean_attention_kl(final, teacher, held_out)
+    assert final_maps_kl["maps"] < 0.8 * min(final_maps_kl["logits only"], mean_attention_kl(student, teacher, held_out))
+    assert "+ 1 x KL of the attention maps" in (tmp_path / "run" / "final" / "README.md").read_text()
 
 
 def test_mixed_loss_and_temperature_train(folders, tmp_path):
@@ -164,6 +229,8 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
         ({"unlikelihood_weight": 1.0}, "needs `on_policy_fraction`"),
         ({"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 8, "unlikelihood_weight": -1.0}, "unlikelihood_weight"),
         ({"unlikelihood_ngram": 0}, "unlikelihood_ngram"),
+        ({"attention_kl_weight": -1.0}, "attention_kl_weight"),
+        ({"teacher": None, "attention_kl_weight": 1.0}, "need a `teacher`"),
         ({"init_from": None, "model": "tiny-mea"}, "needs `init_from`"),
         ({"tokenizer": str(folders / "student")}, "`tokenizer`"),
     ]
@@ -179,6 +246,10 @@ def test_bad_distillation_settings_are_named(folders, tmp_path, tokenizer):
     save_folder(tiny_model(vocab_size=len(tokenizer) + 8), other_vocab, tokenizer)
     with pytest.raises(ValueError, match="setting `teacher`.*vocab_size"):
         train({**base, "teacher": str(other_vocab), "out": str(tmp_path / "run2")})
+    deeper = tmp_path / "deeper"
+    save_folder(tiny_model(vocab_size=len(tokenizer), num_hidden_layers=3), deeper, tokenizer)
+    with pytest.raises(ValueError, match="student has 2 layers of 4 query heads, the teacher 3 of 4"):
+        train({**base, "teacher": str(deeper), "attention_kl_weight": 1.0, "out": str(tmp_path / "run3")})
 
 
 def test_cli_distills_with_flags(folders, tmp_path):
