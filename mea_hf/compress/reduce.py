@@ -47,6 +47,7 @@ Exact and approximate:
   then works on the true (normalised) model. Layers left at h' = h are not touched, so they stay exact.
 """
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -662,6 +663,49 @@ def _compress_calib(
     bar.close()
 
 
+def _calibrate_each_alone(model, targets: dict[int, int], blocks: torch.Tensor, options: CalibOptions):
+    """`each_layer_compressed_alone` for calib: one pass over `blocks` through the original layers; at each target
+    layer, a copy of the model gets that layer calibrated on the original hidden states there."""
+    batch_size = min(CALIB_BATCH, options.step_blocks)
+    batches = list(_layer_inputs(model, blocks, batch_size))
+    for index, layer in enumerate(model.model.layers[: max(targets) + 1]):
+        originals = [hidden for hidden, _ in batches]
+        original_outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
+                            for hidden, extras in batches]  # fmt: skip
+        if index in targets:
+            trial = copy.deepcopy(model)
+            _calibrate_layer(trial.model.layers[index], targets[index], batches, originals, original_outputs, options,
+                             options.step_blocks // batch_size)  # fmt: skip
+            _set_heads(trial, index, targets[index])
+            yield index, trial
+        batches = [(layer.after_attention(hidden, output), extras)
+                   for (hidden, extras), output in zip(batches, original_outputs, strict=True)]  # fmt: skip
+
+
+@torch.no_grad()
+def each_layer_compressed_alone(model, num_component_heads: int, layers=None, method: str = "svd", calib_blocks=None):
+    """Yield (index, a copy of `model` with only that layer reduced to `num_component_heads` by `method`) for each of
+    `layers` (None: all) that caches more heads; `model` is left unchanged. Each copy is what `reduce_kv_heads(
+    copy.deepcopy(model), num_component_heads, layers=[index], method=method, calib_blocks=calib_blocks)` returns, but
+    calib makes them all in one pass over `calib_blocks`, carrying the original hidden states from layer to layer
+    instead of running every earlier layer again for each one (`layer_sensitivity` of SmolLM2's 30 layers)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    current = model.config.component_heads_per_layer
+    targets = {index: heads for index, heads in _targets(model.config, num_component_heads, layers).items()
+               if heads < current[index]}  # fmt: skip
+    if not targets:
+        return
+    if method == "svd":
+        for index in targets:
+            yield index, reduce_kv_heads(copy.deepcopy(model), num_component_heads, layers=[index], method="svd")
+        return
+    blocks = _check_blocks(calib_blocks, model.config.vocab_size)
+    work = copy.deepcopy(model).eval()
+    _enable_hlc(work)
+    yield from _calibrate_each_alone(work, targets, blocks, CalibOptions().for_composition(work.config.composition))
+
+
 def _set_heads(model, layer: int, heads: int) -> None:
     model.model.layers[layer].self_attn.num_component_heads = heads
     per_layer = model.config.component_heads_per_layer
@@ -737,6 +781,7 @@ __all__ = [
     "calib_blocks_for",
     "calib_q_scale_for",
     "check_composition",
+    "each_layer_compressed_alone",
     "effective_projection",
     "parse_layers",
     "reduce_kv_heads",

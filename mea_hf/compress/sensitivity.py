@@ -4,14 +4,13 @@ This is how the paper chose its "Half" layers. The report (sensitivity.json) fee
 --sensitivity FILE`, which compresses the least sensitive layers until the KV cache is at most B of the original.
 """
 
-import copy
 import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..evaluation.loss import mean_token_loss
-from .reduce import reduce_kv_heads
+from .reduce import each_layer_compressed_alone
 
 REPORT_NAME = "sensitivity.json"
 PLOT_NAME = "sensitivity.png"
@@ -22,10 +21,10 @@ def layer_sensitivity(model, kv_heads: int, val_blocks, method: str = "svd", cal
     config = model.config
     baseline = mean_token_loss(model, val_blocks)
     current = config.component_heads_per_layer
+    candidates = [i for i in range(config.num_hidden_layers) if current[i] > kv_heads]
     layers = []
-    for index in tqdm([i for i in range(config.num_hidden_layers) if current[i] > kv_heads], desc="layers"):
-        trial = copy.deepcopy(model)
-        reduce_kv_heads(trial, kv_heads, layers=[index], method=method, calib_blocks=calib_blocks)
+    trials = each_layer_compressed_alone(model, kv_heads, candidates, method, calib_blocks)
+    for index, trial in tqdm(trials, total=len(candidates), desc="layers"):
         loss = mean_token_loss(trial, val_blocks)
         layers.append({"layer": index, "loss": loss, "delta": loss - baseline})
         del trial

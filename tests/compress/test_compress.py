@@ -26,6 +26,7 @@ from mea_hf.compress.reduce import (
     _refit_output_projection,
     attention_output_error,
     calib_q_scale_for,
+    each_layer_compressed_alone,
     effective_projection,
     reduce_kv_heads,
     virtual_keys_values,
@@ -477,6 +478,25 @@ def test_cli_compress_svd_and_calib(mea_folder, tmp_path, tokenizer, capsys):
     calib = AutoModelForCausalLM.from_pretrained(tmp_path / "calib")
     assert calib.config.num_component_heads == 1
     assert "--method calib" in (tmp_path / "calib" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("composition", "method"), [("scalar", "calib"), ("banded", "calib"), ("scalar", "svd")])
+def test_each_layer_compressed_alone_is_reduce_kv_heads_of_that_layer(composition, method):
+    """One pass over the calibration blocks gives each named layer compressed alone, as `reduce_kv_heads` of a copy
+    with only that layer named does (the same logits up to float rounding: the earlier layers' outputs are carried
+    instead of recomputed); layers that cache no more heads than asked are skipped; the model is left unchanged."""
+    model = make_model(num_hidden_layers=4, num_component_heads=[4, 4, 2, 4], composition=composition)
+    before = copy.deepcopy(model.state_dict())
+    blocks, ids = random_blocks(6), random_blocks(2, seed=5)
+    trials = list(each_layer_compressed_alone(model, 2, [0, 2, 3], method, blocks if method == "calib" else None))
+    assert [index for index, _ in trials] == [0, 3]
+    for index, trial in trials:
+        reference = reduce_kv_heads(copy.deepcopy(model), 2, layers=[index], method=method, calib_blocks=blocks)
+        assert trial.config.component_heads_per_layer == reference.config.component_heads_per_layer
+        assert trial.config.component_heads_per_layer[index] == 2
+        torch.testing.assert_close(logits(trial, ids), logits(reference, ids), rtol=1e-4, atol=1e-5)
+        assert not torch.equal(logits(trial, ids), logits(model, ids))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 @pytest.mark.slow
