@@ -81,8 +81,8 @@ class MetricsLog:
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list, list]]:
     """(steps, values) per curve of a run's metrics: the training loss (the distillation loss with a teacher), the
-    validation LM loss and, when distilling, the validation KL to the teacher (and of its attention maps) and the KL of the on-policy
-    micro-batches (steps that had any); non-finite values become gaps."""
+    validation LM loss and, when distilling, the validation KL to the teacher (and its attention maps' KL) and the
+    KL of the on-policy micro-batches (steps that had any); non-finite values become gaps."""
     curves = {}
     for name, key in (("train", "loss"), ("validation", "val_loss"), ("validation KL to teacher", "val_kl"),
                       ("validation attention KL", "val_attention_kl"),
