@@ -81,33 +81,39 @@ def attention_kl(student_attentions, teacher_attentions, first: int = 0) -> torc
 
 
 @torch.no_grad()
-def _mean_per_token(student, teacher, blocks: torch.Tensor, batch_size: int, score, **forward) -> float:
-    """Mean over the tokens of `blocks` of `score(student output, teacher output)` (eval mode, no gradients)."""
+def mean_kls(
+    student, teacher, blocks: torch.Tensor, batch_size: int = 8, temperature: float = 1.0, divergence: str = "forward",
+    attention: bool = False,
+) -> dict[str, float]:
+    """Means over the tokens of `blocks`, from one forward pass of each model (eval mode, no gradients): the
+    distillation loss of `student` against `teacher` ("kl") and, with `attention`, the `attention_kl` of their maps
+    ("attention_kl"; both models eager)."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    total, tokens = 0.0, 0
+    totals, tokens = dict.fromkeys(["kl", "attention_kl"] if attention else ["kl"], 0.0), 0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].long().to(device)
-        outputs = (model(input_ids=batch, use_cache=False, **forward) for model in (student, teacher))
-        total += score(*outputs).item() * batch.numel()
+        ours, theirs = (model(input_ids=batch, use_cache=False, output_attentions=attention)
+                        for model in (student, teacher))  # fmt: skip
+        totals["kl"] += distillation_loss(ours.logits, theirs.logits, temperature, divergence).item() * batch.numel()
+        if attention:
+            totals["attention_kl"] += attention_kl(ours.attentions, theirs.attentions).item() * batch.numel()
         tokens += batch.numel()
     student.train(was_training)
-    return total / tokens
+    return {name: total / tokens for name, total in totals.items()}
 
 
 def mean_kl(
     student, teacher, blocks: torch.Tensor, temperature: float = 1.0, batch_size: int = 8, divergence: str = "forward"
 ) -> float:
     """Mean per-token distillation loss of `student` against `teacher` on token `blocks`."""
-    return _mean_per_token(student, teacher, blocks, batch_size,
-                           lambda s, t: distillation_loss(s.logits, t.logits, temperature, divergence))  # fmt: skip
+    return mean_kls(student, teacher, blocks, batch_size, temperature, divergence)["kl"]
 
 
 def mean_attention_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 8) -> float:
     """`attention_kl` of `student` against `teacher` on token `blocks`, averaged over them (both eager)."""
-    return _mean_per_token(student, teacher, blocks, batch_size,
-                           lambda s, t: attention_kl(s.attentions, t.attentions), output_attentions=True)  # fmt: skip
+    return mean_kls(student, teacher, blocks, batch_size, attention=True)["attention_kl"]
 
 
 def load_teacher(folder: str, student, tokenizer, device):

@@ -36,14 +36,7 @@ from .checkpoints import (
     remove_interrupted_saves,
     save_checkpoint,
 )
-from .distill import (
-    apply_train_only,
-    attention_kl,
-    distillation_loss,
-    load_teacher,
-    mean_attention_kl,
-    mean_kl,
-)
+from .distill import apply_train_only, attention_kl, distillation_loss, load_teacher, mean_kls
 from .models import load_initial_model, load_tokenizer
 from .on_policy import is_on_policy, sample_seed, student_continuations
 from .optim import optimizer_and_scheduler
@@ -84,10 +77,9 @@ class _Run:
         extra = {}
         if self.teacher is not None:
             s = self.settings
-            extra["val_kl"] = mean_kl(self.model, self.teacher, self.val_blocks, s.distill_temperature, batch_size,
-                                      s.distill_divergence)  # fmt: skip
-            if s.attention_kl_weight:
-                extra["val_attention_kl"] = mean_attention_kl(self.model, self.teacher, self.val_blocks, batch_size)
+            kls = mean_kls(self.model, self.teacher, self.val_blocks, batch_size, s.distill_temperature,
+                           s.distill_divergence, attention=bool(s.attention_kl_weight))  # fmt: skip
+            extra = {f"val_{name}": value for name, value in kls.items()}  # val_kl, val_attention_kl
             self.state.update(extra)
         self.log.write(step=self.state["step"], val_loss=val_loss, **extra)
         return val_loss
