@@ -641,12 +641,9 @@ def _compress_calib(
     batch_size = min(CALIB_BATCH, options.step_blocks)
     step_batches = options.step_blocks // batch_size
     batches = list(_layer_inputs(model, blocks, batch_size))
-    originals = [hidden for hidden, _ in batches]  # the uncompressed model's hidden states, layer by layer
     layers = model.model.layers[: max(targets) + 1]
     bar = tqdm(total=len(layers), desc="calib layers", unit="layer", disable=not progress)
-    for index, layer in enumerate(layers):
-        original_outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
-                            for hidden, (_, extras) in zip(originals, batches, strict=True)]  # fmt: skip
+    for index, layer, originals, original_outputs in _original_walk(layers, batches):
         if index in targets and targets[index] < layer.self_attn.num_component_heads:
             start, end, outputs = _calibrate_layer(
                 layer, targets[index], batches, originals, original_outputs, options, step_batches
@@ -657,10 +654,20 @@ def _compress_calib(
                        for (hidden, extras), output in zip(batches, outputs, strict=True)]  # fmt: skip
         else:
             batches = [(layer(hidden, **extras), extras) for hidden, extras in batches]
-        originals = [layer.after_attention(hidden, output)
-                     for hidden, output in zip(originals, original_outputs, strict=True)]  # fmt: skip
         bar.update(1)
     bar.close()
+
+
+def _original_walk(layers, batches):
+    """For each of `layers` in turn: (index, layer, the uncompressed model's hidden states entering it, its attention
+    outputs on them), starting from the hidden states of `batches` ((hidden, extras) pairs, the extras kept). The
+    layer's attention may be changed before the next item is asked for: the walk carries what it computed before."""
+    originals = [hidden for hidden, _ in batches]
+    for index, layer in enumerate(layers):
+        outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
+                   for hidden, (_, extras) in zip(originals, batches, strict=True)]  # fmt: skip
+        yield index, layer, originals, outputs
+        originals = [layer.after_attention(hidden, output) for hidden, output in zip(originals, outputs, strict=True)]
 
 
 def _calibrate_each_alone(model, targets: dict[int, int], blocks: torch.Tensor, options: CalibOptions):
@@ -668,18 +675,14 @@ def _calibrate_each_alone(model, targets: dict[int, int], blocks: torch.Tensor, 
     layer, a copy of the model gets that layer calibrated on the original hidden states there."""
     batch_size = min(CALIB_BATCH, options.step_blocks)
     batches = list(_layer_inputs(model, blocks, batch_size))
-    for index, layer in enumerate(model.model.layers[: max(targets) + 1]):
-        originals = [hidden for hidden, _ in batches]
-        original_outputs = [_attention_output(layer.self_attn, layer.input_layernorm(hidden), extras)
-                            for hidden, extras in batches]  # fmt: skip
+    for index, _, originals, original_outputs in _original_walk(model.model.layers[: max(targets) + 1], batches):
         if index in targets:
             trial = copy.deepcopy(model)
-            _calibrate_layer(trial.model.layers[index], targets[index], batches, originals, original_outputs, options,
+            inputs = [(hidden, extras) for hidden, (_, extras) in zip(originals, batches, strict=True)]
+            _calibrate_layer(trial.model.layers[index], targets[index], inputs, originals, original_outputs, options,
                              options.step_blocks // batch_size)  # fmt: skip
             _set_heads(trial, index, targets[index])
             yield index, trial
-        batches = [(layer.after_attention(hidden, output), extras)
-                   for (hidden, extras), output in zip(batches, original_outputs, strict=True)]  # fmt: skip
 
 
 @torch.no_grad()
