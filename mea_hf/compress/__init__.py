@@ -1,5 +1,5 @@
 """KV-head reduction of MEA models: `reduce_kv_heads` (svd / calib, in `reduce.py`) and per-layer sensitivity for
-choosing which layers to compress (`sensitivity.py`)."""
+choosing which layers to compress (`sensitivity.py`, on `each_layer_compressed_alone`)."""
 
 from .reduce import (
     CALIB_BLOCKS,
@@ -12,6 +12,7 @@ from .reduce import (
     METHODS,
     calib_blocks_for,
     calib_q_scale_for,
+    each_layer_compressed_alone,
     parse_layers,
     reduce_kv_heads,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "METHODS",
     "calib_blocks_for",
     "calib_q_scale_for",
+    "each_layer_compressed_alone",
     "layer_sensitivity",
     "parse_layers",
     "read_report",
